@@ -1,0 +1,33 @@
+"""Objectives: the API (contract 1) and the shipped surrogates.
+
+>>> from rlclip.objectives import build_objective
+>>> obj = build_objective("ratio_clip", eps_low=0.2, eps_high=0.28)
+"""
+
+from rlclip.objectives import ratio_clip  # noqa: F401  (registers "ratio_clip")
+from rlclip.objectives.base import (
+    AGG_MODES,
+    KL_ESTIMATORS,
+    Objective,
+    aggregate,
+    available_objectives,
+    build_objective,
+    kl_estimate,
+    masked_mean,
+    register_objective,
+)
+from rlclip.types import ObjectiveOutput, PolicyBatch
+
+__all__ = [
+    "AGG_MODES",
+    "KL_ESTIMATORS",
+    "Objective",
+    "ObjectiveOutput",
+    "PolicyBatch",
+    "aggregate",
+    "available_objectives",
+    "build_objective",
+    "kl_estimate",
+    "masked_mean",
+    "register_objective",
+]

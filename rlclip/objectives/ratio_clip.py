@@ -1,0 +1,99 @@
+"""PPO / GRPO ratio clipping, with clip-higher, dual clip and the GSPO sequence ratio."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlclip.errors import ConfigError
+from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_max, masked_mean, masked_min, register_objective
+from rlclip.types import PolicyBatch
+
+
+def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's per-token log ratio (arXiv 2507.18071, "GSPO-token").
+
+    log s_i = mean over response i of (logprobs - old_logprobs); per token the
+    log ratio is sg(log s_i) + logprobs_t - sg(logprobs_t): its value is
+    log s_i everywhere and its gradient w.r.t. logprobs_t is 1.
+    """
+    mask = mask.to(logprobs.dtype)
+    seq = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [B]
+    seq = seq.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return seq.detach().unsqueeze(-1) + logprobs - logprobs.detach()  # [B, T]
+
+
+def clipped_surrogate(ratio: Tensor, advantages: Tensor, eps_low: Tensor | float, eps_high: Tensor | float,
+                      dual_clip: float | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's pessimistic clipped loss per token, with optional dual clip.
+
+    L = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)); with dual
+    clip c (Ye et al. 2020, arXiv 1912.09729), where A < 0: L = min(L, -c * A).
+    ``eps_low`` / ``eps_high`` may be per-token tensors (Archer). Returns the
+    loss ``[B, T]`` and boolean masks of where each clip is active.
+    """
+    clipped_ratio = torch.minimum(torch.maximum(ratio, 1 - torch.as_tensor(eps_low, dtype=ratio.dtype)),
+                                  1 + torch.as_tensor(eps_high, dtype=ratio.dtype))
+    loss = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)  # [B, T]
+    active = {
+        "low": (advantages < 0) & (ratio < 1 - torch.as_tensor(eps_low)),
+        "high": (advantages > 0) & (ratio > 1 + torch.as_tensor(eps_high)),
+    }
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        active["dual"] = (advantages < 0) & (loss > bound)
+        loss = torch.where(advantages < 0, torch.minimum(loss, bound), loss)
+    return loss, active
+
+
+def ratio_metrics(ratio: Tensor, log_ratio: Tensor, mask: Tensor, active: dict[str, Tensor]) -> dict[str, Any]:
+    """Clip fractions, ratio statistics and approx KL(old || new) = E_old[(rho - 1) - log rho]."""
+    ratio, log_ratio = ratio.detach(), log_ratio.detach()
+    metrics: dict[str, Any] = {f"clip_frac_{side}": masked_mean(hit.to(ratio.dtype), mask)
+                               for side, hit in active.items()}
+    metrics.update(ratio_mean=masked_mean(ratio, mask), ratio_min=masked_min(ratio, mask),
+                   ratio_max=masked_max(ratio, mask),
+                   approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask))
+    return metrics
+
+
+def check_dual_clip(dual_clip: float | None) -> None:
+    if dual_clip is not None and dual_clip <= 1:
+        raise ConfigError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}")
+
+
+@register_objective("ratio_clip")
+class RatioClip(Objective):
+    """PPO/GRPO clipped ratio objective (Schulman et al. 2017, arXiv 1707.06347).
+
+    rho = exp(clamp(logprobs - old_logprobs, -20, 20));
+    L = max(-A * rho, -A * clip(rho, 1 - eps_low, 1 + eps_high)).
+
+    Args:
+        eps_low: lower clip range.
+        eps_high: upper clip range; > eps_low is DAPO's clip-higher (arXiv 2503.14476).
+        dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A; None disables.
+        level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO, arXiv 2507.18071): the
+            ratio is the length-normalised sequence ratio s_i, clipped as above.
+    """
+
+    def __init__(self, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
+                 level: str = "token", **shared: Any) -> None:
+        super().__init__(**shared)
+        if eps_low < 0 or eps_high < 0:
+            raise ConfigError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
+        if level not in ("token", "sequence"):
+            raise ConfigError(f"level must be 'token' or 'sequence', got {level!r}")
+        check_dual_clip(dual_clip)
+        self.eps_low, self.eps_high, self.dual_clip, self.level = eps_low, eps_high, dual_clip, level
+
+    def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
+        if self.level == "sequence":
+            log_ratio = sequence_log_ratio(batch.logprobs, batch.old_logprobs, batch.mask)  # [B, T]
+        else:
+            log_ratio = (batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        ratio = torch.exp(log_ratio)  # [B, T]
+        loss, active = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.dual_clip)
+        return loss, ratio_metrics(ratio, log_ratio, batch.mask, active)

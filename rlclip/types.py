@@ -1,0 +1,110 @@
+"""Batches passed between the stages of a training step.
+
+Shapes: B = sequences, P = prompt length, T = completion length,
+S = sparse-support size. A ``mask`` is 1 where a token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PolicyBatch:
+    """What an objective sees (contract 1). All ``[B, T]`` over completion tokens."""
+
+    logprobs: Tensor
+    """log pi_theta(a_t) of the sampled tokens; carries grad."""
+    old_logprobs: Tensor
+    """log pi_old(a_t) under the behaviour policy; no grad."""
+    advantages: Tensor
+    """Per-token advantage (sequence advantages broadcast over the response)."""
+    mask: Tensor
+    """1 where a completion token counts, 0 on padding."""
+    ref_logprobs: Tensor | None = None
+    """log pi_ref(a_t) of the reference model; only when an objective needs it."""
+    entropy: Tensor | None = None
+    """Entropy of pi_theta at each position (detached); only when needed."""
+    support_logprobs: Tensor | None = None
+    """``[B, T, S]`` log pi_theta on a sparse support, index 0 = sampled token (grad)."""
+    old_support_logprobs: Tensor | None = None
+    """``[B, T, S]`` log pi_old on the same support."""
+    support_mask: Tensor | None = None
+    """``[B, T, S]`` 1 where a support slot is used."""
+    num_tokens: float | Tensor | None = None
+    """Global token count of the optimizer step (token-mean denominator)."""
+    num_sequences: float | Tensor | None = None
+    """Global sequence count of the optimizer step (sequence-mean denominator)."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """A differentiable 0-d ``loss`` and float / 0-d tensor ``metrics``."""
+
+    loss: Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutBatch:
+    """Completions sampled for a set of prompts, on one process.
+
+    Row ``i`` belongs to prompt group ``i // group_size``.
+    """
+
+    prompt_ids: Tensor
+    """``[B, P]`` left-padded prompt token ids."""
+    prompt_mask: Tensor
+    """``[B, P]`` 1 on real prompt tokens."""
+    completion_ids: Tensor
+    """``[B, T]`` right-padded completion token ids (EOS included when emitted)."""
+    completion_mask: Tensor
+    """``[B, T]`` 1 on completion tokens up to and including the first EOS."""
+    truncated: Tensor
+    """``[B]`` bool: the completion hit ``max_new_tokens`` without EOS."""
+    prompts: list[Any]
+    """The prompts as given to the reward functions (strings or chat messages)."""
+    completions: list[Any]
+    """Decoded completions (strings, or assistant message lists for chat prompts)."""
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    """Other dataset columns, repeated per completion (for reward functions)."""
+    rewards: Tensor | None = None
+    """``[B]`` weighted total reward."""
+    advantages: Tensor | None = None
+    """``[B, T]`` per-token advantages."""
+    old_logprobs: Tensor | None = None
+    """``[B, T]`` behaviour-policy log-probs of the completion tokens."""
+    ref_logprobs: Tensor | None = None
+    """``[B, T]`` reference-model log-probs, when KL needs them."""
+    old_support: dict[str, Tensor] | None = None
+    """Old policy's sparse top set per token (``indices``, ``logprobs``, ``mask``)."""
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        """Rows ``index`` of every tensor field (lists and columns included)."""
+        idx = index.tolist()
+        updates: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                updates[f.name] = value[index.to(value.device)]
+            elif isinstance(value, list):
+                updates[f.name] = [value[i] for i in idx]
+            elif f.name == "columns":
+                updates[f.name] = {k: [v[i] for i in idx] for k, v in value.items()}
+            elif isinstance(value, dict):
+                updates[f.name] = {k: v[index.to(v.device)] for k, v in value.items()}
+        return replace(self, **updates)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor field of a dataclass batch to ``device``."""
+    updates = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+               if isinstance(getattr(batch, f.name), Tensor)}
+    return replace(batch, **updates)
