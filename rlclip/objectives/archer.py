@@ -1,0 +1,189 @@
+"""Archer: entropy-aware dual-token constraints (arXiv 2507.15778).
+
+"Stabilizing Knowledge, Promoting Reasoning: Dual-Token Constraints for RLVR"
+(Wang et al. 2025). Within each response, tokens whose entropy is at most the
+response's q-quantile are "knowledge" tokens (low entropy: keep them close to
+the reference, tight clip); the rest are "reasoning" tokens (high entropy:
+wider clip, weaker or no KL). Everything is the PPO/GRPO clipped surrogate of
+``ratio_clip`` apart from the per-token clip range and the split KL penalty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlclip.errors import ConfigError
+from rlclip.objectives.base import (
+    LOG_RATIO_CLAMP,
+    Objective,
+    kl_estimate,
+    masked_mean,
+    register_objective,
+)
+from rlclip.objectives.ratio_clip import check_dual_clip, clipped_surrogate, ratio_metrics
+from rlclip.types import PolicyBatch
+
+THRESHOLDS = ("response", "batch")
+
+
+def masked_row_quantile(values: Tensor, mask: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """The q-quantile of each row's counted entries, vectorised over rows.
+
+    Linear interpolation between order statistics, exactly as
+    ``torch.nanquantile(values.where(mask, nan), q, dim=-1)`` (the authors'
+    call): with n counted entries sorted ascending as v, position
+    p = q * (n - 1), result lerp(v[floor p], v[ceil p], p - floor p).
+    Unlike ``torch.quantile`` it has no input-size limit and returns 0 rather
+    than NaN for rows without a counted entry.
+
+    Returns ``(quantile [B], has_tokens [B] bool)``.
+    """
+    counted = mask.bool()
+    n = counted.sum(-1)  # [B]
+    ordered = values.masked_fill(~counted, float("inf")).sort(dim=-1).values  # counted entries first
+    pos = q * (n - 1).clamp_min(0).to(values.dtype)  # [B]
+    below = pos.to(torch.long)  # floor, pos >= 0
+    above = pos.ceil().to(torch.long)
+    weight = pos - below.to(values.dtype)
+    v_below = ordered.gather(-1, below.unsqueeze(-1)).squeeze(-1)
+    v_above = ordered.gather(-1, above.unsqueeze(-1)).squeeze(-1)
+    has_tokens = n > 0
+    v_below = torch.where(has_tokens, v_below, torch.zeros_like(v_below))  # no inf in lerp
+    v_above = torch.where(has_tokens, v_above, torch.zeros_like(v_above))
+    return torch.lerp(v_below, v_above, weight), has_tokens
+
+
+@register_objective("archer")
+class Archer(Objective):
+    """Archer's dual-token constrained clipped surrogate (arXiv 2507.15778).
+
+    Per response i (``threshold="response"``), tau_i is the q-quantile of the
+    entropy over its counted tokens (linear interpolation, as
+    ``torch.nanquantile``); ``threshold="batch"`` uses one quantile over all
+    counted tokens of the batch instead. Knowledge tokens: entropy <= tau;
+    reasoning tokens: entropy > tau.
+
+    rho = exp(clamp(logprobs - old_logprobs, -20, 20)); eps_t = eps_knowledge
+    or eps_reasoning (both sides);
+    L_t = max(-A rho, -A clip(rho, 1 - eps_t, 1 + eps_t)), and where A < 0,
+    L_t = min(L_t, -dual_clip * A).
+
+    loss = agg(L) + kl_knowledge * mean_{knowledge}(KL) + kl_reasoning * mean_{reasoning}(KL)
+    (+ the shared ``kl_coef * agg(KL)`` when kl_coef > 0), each class's KL
+    averaged over that class's counted tokens, KL the per-token
+    ``kl_estimator`` (k3 by default) against ``ref_logprobs``, clamped to
+    [-kl_clamp, kl_clamp].
+
+    Defaults are the authors' released training script
+    (github.com/wizard-III/ArcherCodeR, scripts/train/run_archer_qwen2.5_1.5b_code.sh
+    and verl/workers/actor/dp_actor.py): token_entropy_quantile=0.8,
+    low_entropy_clip_ratio_{low,high}=0.2, high_entropy_clip_ratio_{low,high}=0.5,
+    kl_loss_coef=0.001 (knowledge tokens), high_entropy_kl_loss_scale_coef=0.0
+    (reasoning tokens), clip_ratio_c=10.0, kl_loss_type=low_var_kl (k3 clamped
+    to [-10, 10]).
+
+    Args:
+        q: entropy quantile in [0, 1] that splits knowledge from reasoning tokens.
+        eps_knowledge: clip range (both sides) of knowledge tokens.
+        eps_reasoning: clip range (both sides) of reasoning tokens.
+        kl_knowledge: weight of the knowledge tokens' mean KL to the reference.
+        kl_reasoning: weight of the reasoning tokens' mean KL to the reference.
+        dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A; None disables.
+        threshold: ``response`` (one quantile per response, as the authors) or
+            ``batch`` (one quantile over the batch's counted tokens).
+        kl_clamp: clamp of the per-token KL value (verl's low_var_kl uses 10);
+            None disables.
+
+    With micro-batching (``PolicyBatch.num_tokens`` set), each micro-batch's
+    class means are weighted by its share of the step's tokens, so the KL
+    terms keep their scale when the step's micro-batch losses are summed.
+    """
+
+    needs = frozenset({"entropy"})
+
+    def __init__(self, *, q: float = 0.8, eps_knowledge: float = 0.2, eps_reasoning: float = 0.5,
+                 kl_knowledge: float = 0.001, kl_reasoning: float = 0.0, dual_clip: float | None = 10.0,
+                 threshold: str = "response", kl_clamp: float | None = 10.0, **shared: Any) -> None:
+        super().__init__(**shared)
+        if not 0.0 <= q <= 1.0:
+            raise ConfigError(f"archer: q must be in [0, 1], got {q}")
+        if not (eps_knowledge >= 0 and eps_reasoning >= 0):
+            raise ConfigError(f"archer: eps_knowledge and eps_reasoning must be >= 0, "
+                              f"got {eps_knowledge}, {eps_reasoning}")
+        if not (kl_knowledge >= 0 and kl_reasoning >= 0):
+            raise ConfigError(f"archer: kl_knowledge and kl_reasoning must be >= 0, "
+                              f"got {kl_knowledge}, {kl_reasoning}")
+        if threshold not in THRESHOLDS:
+            raise ConfigError(f"archer: threshold must be one of {', '.join(THRESHOLDS)}, got {threshold!r}")
+        if kl_clamp is not None and not kl_clamp > 0:
+            raise ConfigError(f"archer: kl_clamp must be > 0 (or null to disable), got {kl_clamp}")
+        check_dual_clip(dual_clip)
+        self.q, self.threshold = float(q), threshold
+        self.eps_knowledge, self.eps_reasoning = float(eps_knowledge), float(eps_reasoning)
+        self.kl_knowledge, self.kl_reasoning = float(kl_knowledge), float(kl_reasoning)
+        self.dual_clip, self.kl_clamp = dual_clip, kl_clamp
+        if self.kl_knowledge > 0 or self.kl_reasoning > 0:
+            self.needs = self.needs | {"ref"}
+
+    def token_classes(self, batch: PolicyBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Split the counted tokens: ``(knowledge [B, T], reasoning [B, T], tau [B], has_tokens [B])``.
+
+        The masks are boolean and only ever true on counted tokens; tau is the
+        per-row threshold (0 on rows without a counted token).
+        """
+        if batch.entropy is None:
+            raise ValueError("archer needs PolicyBatch.entropy")
+        entropy, counted = batch.entropy.detach(), batch.mask.bool()
+        if self.threshold == "response":
+            tau, has_tokens = masked_row_quantile(entropy, counted, self.q)  # [B]
+        else:
+            tau, _ = masked_row_quantile(entropy.reshape(1, -1), counted.reshape(1, -1), self.q)  # [1]
+            tau, has_tokens = tau.expand(entropy.shape[0]), counted.any(-1)
+        low = entropy <= tau.unsqueeze(-1)
+        return low & counted, ~low & counted, tau, has_tokens
+
+    def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
+        knowledge, reasoning, tau, has_tokens = self.token_classes(batch)
+        log_ratio = (batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        ratio = torch.exp(log_ratio)  # [B, T]
+        eps = torch.where(reasoning, ratio.new_tensor(self.eps_reasoning), ratio.new_tensor(self.eps_knowledge))
+        loss, active = clipped_surrogate(ratio, batch.advantages, eps, eps, self.dual_clip)
+        metrics = ratio_metrics(ratio, log_ratio, batch.mask, active)
+        for name, cls in (("knowledge", knowledge), ("reasoning", reasoning)):
+            for side in ("low", "high"):
+                metrics[f"clip_frac_{side}_{name}"] = masked_mean(active[side].to(ratio.dtype), cls)
+        metrics["reasoning_frac"] = masked_mean(reasoning.to(ratio.dtype), batch.mask)
+        metrics["entropy_threshold"] = masked_mean(tau.to(ratio.dtype), has_tokens)
+        return loss, metrics
+
+    def kl_penalty(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
+        """The shared ``kl_coef`` penalty plus Archer's per-class KL terms."""
+        penalty, metrics = super().kl_penalty(batch)
+        weighted = self.kl_knowledge > 0 or self.kl_reasoning > 0
+        if batch.ref_logprobs is None:
+            if weighted:
+                raise ValueError("archer with kl_knowledge or kl_reasoning > 0 needs PolicyBatch.ref_logprobs")
+            return penalty, metrics
+        knowledge, reasoning, _, _ = self.token_classes(batch)
+        kl = kl_estimate(batch.logprobs, batch.ref_logprobs, self.kl_estimator)  # [B, T]
+        if self.kl_clamp is not None:
+            kl = kl.clamp(-self.kl_clamp, self.kl_clamp)
+        kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # inf on padding never reaches a mean
+        kl_k, kl_r = masked_mean(kl, knowledge), masked_mean(kl, reasoning)
+        metrics = {**metrics, "kl_knowledge": kl_k.detach(), "kl_reasoning": kl_r.detach()}
+        if weighted:
+            penalty = penalty + self._step_share(batch) * (self.kl_knowledge * kl_k + self.kl_reasoning * kl_r)
+        return penalty, metrics
+
+    @staticmethod
+    def _step_share(batch: PolicyBatch) -> Tensor | float:
+        """This batch's share of the optimizer step (1 without global counts)."""
+        mask = batch.mask.to(batch.logprobs.dtype)
+        if batch.num_tokens is not None:
+            return mask.sum() / batch.num_tokens
+        if batch.num_sequences is not None:
+            return (mask.sum(-1) > 0).sum().to(mask.dtype) / batch.num_sequences
+        return 1.0
