@@ -159,7 +159,7 @@ class Objective(abc.ABC):
         per_token, metrics = self.surrogate(batch)
         loss = self.aggregate(per_token, batch)
         penalty, kl_metrics = self.kl_penalty(batch)
-        metrics = {**metrics, **kl_metrics, "surrogate_loss": loss.detach()}
+        metrics = {**metrics, **kl_metrics}
         return ObjectiveOutput(loss=loss + penalty, metrics=metrics)
 
     def _check_inputs(self, batch: PolicyBatch) -> None:

@@ -1,0 +1,317 @@
+"""Typed training configuration: one YAML recipe plus dotted CLI overrides.
+
+Parsing and type checking are OmegaConf structured configs; each field's
+docstring is the reference documentation of that knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlclip.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"
+    """Hub name or local directory of the policy; ``tiny`` builds a tiny random Llama on the fly."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    gguf_file: str | None = None
+    """A GGUF file name inside ``name_or_path`` (dequantised on load)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the hub."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    attn_implementation: str | None = None
+    """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); None lets transformers choose."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Prompt source: synthetic, gsm8k, math500, svamp or asdiv."""
+    path: str | None = None
+    """Local file or hub data set name; None uses the source's default."""
+    split: str = "train"
+    """Split to train on."""
+    limit: int | None = None
+    """Use only the first ``limit`` records."""
+    instruction: str | None = None
+    """Prompt template with ``{question}``; None uses the source's default."""
+    num_examples: int = 2000
+    """synthetic: number of problems generated."""
+    min_value: int = 0
+    """synthetic: smallest operand."""
+    max_value: int = 9
+    """synthetic: largest operand."""
+    num_terms: int = 2
+    """synthetic: operands per problem."""
+    operations: str = "+"
+    """synthetic: operators to draw from, e.g. ``+-*``."""
+    chat: bool = True
+    """Give prompts as chat messages (rendered with the tokenizer's chat template)."""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    """Prompts sampled per rollout on each process."""
+    group_size: int = 4
+    """Completions per prompt (G)."""
+    max_new_tokens: int = 128
+    """Completion length limit; longer completions are truncated and flagged."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+
+
+@dataclass
+class RewardFuncConfig:
+    name: str = "target_token"
+    """A built-in reward (target_token, correctness, format) or ``package.module:function``."""
+    weight: float = 1.0
+    """Weight in the summed reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound to the function."""
+
+
+@dataclass
+class RewardConfig:
+    funcs: list[RewardFuncConfig] = field(default_factory=lambda: [RewardFuncConfig()])
+    """Reward functions, summed with their weights."""
+
+
+@dataclass
+class AdvantageConfig:
+    name: str = "grpo"
+    """Estimator: grpo, dr_grpo or rloo."""
+    eps: float = 1e-4
+    """grpo: added to the group std before dividing."""
+
+
+@dataclass
+class TrainingConfig:
+    num_iterations: int = 2
+    """Passes over each rollout (mu); with 1 pass and 1 mini-batch every ratio is 1."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over a rollout."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; mini-batches are accumulated over micro-batches."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (plain, for exact tests)."""
+    learning_rate: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    lr_scheduler: str = "constant_with_warmup"
+    """A transformers scheduler name (constant_with_warmup, cosine, linear, ...)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    logprob_chunk_size: int = 1024
+    """Positions per chunk when turning hidden states into log-probs."""
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (the reference is the base with adapters off)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt; ``all-linear`` adapts every linear layer but the output head."""
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = "none"
+    """Accelerate tracker: none, tensorboard or wandb."""
+    progress_bar: bool = True
+    """Show a progress bar on the main process."""
+    run_name: str = "rlclip"
+    """Tracker project / run name."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Where metrics.jsonl, config.yaml, checkpoints and the final model go."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    save_steps: int = 0
+    """Save a checkpoint every this many optimizer steps (at the end of that rollout); 0 only at the end."""
+    resume_from_checkpoint: str | None = None
+    """``latest`` or a checkpoint directory to resume from."""
+    imports: list[str] = field(default_factory=list)
+    """Python modules or ``.py`` files imported first, e.g. to register a custom objective."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The prompts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward functions."""
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Advantage estimator."""
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "ratio_clip"})
+    """``name`` of a registered objective plus its settings (see rlclip.objectives)."""
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    """Optimisation."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA through peft."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Trackers and console output."""
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    first = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """``['--a.b', '1', '--c=2']`` -> ``['a.b=1', 'c=2']`` (OmegaConf dotlist)."""
+    dotlist, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key = arg[2:]
+        if "=" in key:
+            dotlist.append(key)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            dotlist.append(f"{key}={args[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"override {arg} has no value; write {arg} VALUE")
+    return dotlist
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Recipe YAML (optional) + dotlist overrides, typed and validated."""
+    overrides = overrides or []
+    try:
+        merged = OmegaConf.structured(TrainConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"recipe {path} does not exist; pass --config path/to/recipe.yaml")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        recipe_objective = dict(merged.objective)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        config: TrainConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"invalid config: {_omegaconf_message(err)}") from None
+    import_user_modules(config.imports)
+    if config.objective.get("name") != recipe_objective.get("name"):
+        config.objective = _switch_objective(recipe_objective, config.objective, overrides)
+    validate(config)
+    return config
+
+
+def import_user_modules(names: list[str]) -> None:
+    """Import modules (dotted names or ``.py`` paths) so their registrations take effect."""
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise ConfigError(f"imports: {name} does not exist; give a .py file or a module name")
+                spec = importlib.util.spec_from_file_location(f"rlclip_user_{path.stem}", path)
+                if spec.name in sys.modules:
+                    continue
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"imports: cannot import {name!r} ({err}); check the module is on the Python path") from None
+
+
+def _switch_objective(recipe: dict[str, Any], merged: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """When ``--objective.name`` changes the objective, drop recipe settings it does not take."""
+    from rlclip.objectives.base import _REGISTRY, objective_parameters
+
+    cls = _REGISTRY.get(merged.get("name"))
+    if cls is None:
+        return merged  # validate() reports the unknown name
+    accepted = objective_parameters(cls)
+    from_cli = {o.split("=", 1)[0].split(".", 1)[1] for o in overrides if o.startswith("objective.")}
+    return {k: v for k, v in merged.items() if k == "name" or k in accepted or k in from_cli or k not in recipe}
+
+
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1" if isinstance(value, int) else "> 0"
+        raise ConfigError(f"{key} must be {bound}, got {value}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks that types alone cannot express; raises ConfigError."""
+    _positive(config.max_steps, "max_steps")
+    _positive(config.save_steps, "save_steps", allow_zero=True)
+    for key in ("prompts_per_step", "group_size", "max_new_tokens"):
+        _positive(getattr(config.rollout, key), f"rollout.{key}")
+    _positive(config.rollout.temperature, "rollout.temperature", allow_zero=True)
+    for key in ("num_iterations", "mini_batches", "micro_batch_size", "logprob_chunk_size"):
+        _positive(getattr(config.train, key), f"train.{key}")
+    _positive(config.train.learning_rate, "train.learning_rate")
+    rollout_size = config.rollout.prompts_per_step * config.rollout.group_size
+    if rollout_size % config.train.mini_batches:
+        raise ConfigError(f"train.mini_batches={config.train.mini_batches} does not divide the "
+                          f"{rollout_size} completions per rollout (prompts_per_step x group_size)")
+    if config.advantage.name not in ("grpo", "dr_grpo", "rloo"):
+        raise ConfigError(f"unknown advantage.name {config.advantage.name!r}; choose grpo, dr_grpo or rloo")
+    if config.train.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"unknown train.optimizer {config.train.optimizer!r}; choose adamw or sgd")
+    if config.logging.report_to not in ("none", "tensorboard", "wandb"):
+        raise ConfigError(f"unknown logging.report_to {config.logging.report_to!r}; choose none, tensorboard or wandb")
+    if config.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown model.dtype {config.model.dtype!r}; choose float32, bfloat16 or float16")
+    if not config.reward.funcs:
+        raise ConfigError("reward.funcs is empty; give at least one reward function")
+    build_objective_from_config(config)
+
+
+def build_objective_from_config(config: TrainConfig):
+    """The objective named in ``config.objective`` with its settings."""
+    from rlclip.objectives import build_objective
+
+    settings = dict(config.objective)
+    name = settings.pop("name", None)
+    if not name:
+        raise ConfigError("objective.name is missing; e.g. objective: {name: ratio_clip}")
+    if settings.get("agg") == "seq_mean_token_sum_norm" and settings.get("agg_norm_len") is None:
+        settings["agg_norm_len"] = config.rollout.max_new_tokens
+    return build_objective(name, **settings)
+
+
+def to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (written to ``output_dir/config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(config)))

@@ -1,0 +1,69 @@
+"""Loading policy models and tokenizers (hub names, local dirs, GGUF, the tiny model)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlclip.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY = "tiny"
+
+
+def resolve_tiny(name_or_path: str, seed: int = 0) -> str:
+    """``tiny`` -> a freshly built tiny random model directory (seeded); other names unchanged."""
+    if name_or_path != TINY:
+        return name_or_path
+    from rlclip.tiny import build_tiny_model
+
+    return build_tiny_model(tempfile.mkdtemp(prefix="rlclip-tiny-"), seed=seed)
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding and a pad token (EOS when the model has none)."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None,
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+    """A causal LM in ``dtype``; GGUF files are dequantised to plain weights."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype],
+                                                     trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        where = "a local directory" if os.path.isdir(name_or_path) else "a hub name (needs network) or local dir"
+        raise ConfigError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}; "
+                          f"model.name_or_path must be {where} with a config and weights") from None
+    if gguf_file:
+        # Dequantised on load: drop the quantizer so save_pretrained writes plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str = "float32", gguf_file: str | None = None,
+                             trust_remote_code: bool = False,
+                             attn_implementation: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Policy model and tokenizer; ``tiny`` builds the tiny random model."""
+    path = resolve_tiny(name_or_path)
+    tokenizer = load_tokenizer(path, gguf_file, trust_remote_code)
+    model = load_model(path, dtype, gguf_file, trust_remote_code, attn_implementation)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

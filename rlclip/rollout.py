@@ -1,0 +1,89 @@
+"""Sampling G completions per prompt with HF ``generate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+from rlclip.types import RolloutBatch
+
+
+@dataclass
+class SamplingSettings:
+    """Decoding settings for one rollout."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def prompt_texts(prompts: list[Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Render prompts to text: chat messages through the tokenizer's chat template."""
+    return [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
+
+
+def completion_mask_and_truncation(completion_ids: Tensor, eos_token_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """Mask of tokens up to and including the first EOS, and rows that never emitted EOS.
+
+    Returns ``mask [B, T]`` (long) and ``truncated [B]`` (bool).
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=completion_ids.device))  # [B, T]
+    has_eos = is_eos.any(-1)  # [B]
+    first_eos = torch.where(has_eos, is_eos.float().argmax(-1), completion_ids.shape[1])  # [B]
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)  # [T]
+    mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()  # [B, T]
+    return mask, ~has_eos
+
+
+def eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion (generation config and tokenizer)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
+                       settings: SamplingSettings, device: torch.device) -> RolloutBatch:
+    """Sample ``group_size`` completions for each record's ``prompt``.
+
+    ``model`` must be the unwrapped model (see ``trl.models.unwrap_model_for_generation``).
+    Prompts are left-padded; generation stops at EOS or ``max_new_tokens``;
+    rows that hit the limit are flagged in ``truncated``. Other record fields
+    are kept as ``columns`` for the reward functions.
+    """
+    group = settings.group_size
+    prompts = [r["prompt"] for r in records]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompt_texts(prompts, tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc["input_ids"].repeat_interleave(group, dim=0).to(device)  # [B, P]
+    prompt_mask = enc["attention_mask"].repeat_interleave(group, dim=0).to(device)  # [B, P]
+    stop_ids = eos_ids(model, tokenizer)
+    greedy = settings.temperature == 0
+    sequences = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=settings.max_new_tokens,
+        do_sample=not greedy, temperature=None if greedy else settings.temperature,
+        top_p=None if greedy else settings.top_p, top_k=None if greedy else settings.top_k,
+        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    completion_ids = sequences[:, prompt_ids.shape[1]:]  # [B, T]
+    completion_mask, truncated = completion_mask_and_truncation(completion_ids, stop_ids)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    chat = bool(prompts) and is_conversational({"prompt": prompts[0]})
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+    columns = {k: [r[k] for r in records for _ in range(group)] for k in records[0] if k != "prompt"}
+    return RolloutBatch(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+        completion_mask=completion_mask, truncated=truncated,
+        prompts=[p for p in prompts for _ in range(group)], completions=completions, columns=columns,
+    )

@@ -1,0 +1,369 @@
+"""The GRPO/PPO training loop: rollout -> reward -> advantage -> objective -> optimizer step.
+
+One rollout samples G completions for each prompt, scores them, turns the
+rewards into advantages and records the behaviour policy's log-probs with a
+no-grad pass. It is then used for ``num_iterations`` passes of
+``mini_batches`` optimizer steps each; a mini-batch is accumulated over
+micro-batches, and its loss is normalised by the *global* token count of
+the optimizer step so that micro-batching and data parallelism leave the
+update unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from trl.models import unwrap_model_for_generation
+
+from rlclip import advantages as adv_lib
+from rlclip.config import TrainConfig, build_objective_from_config, to_yaml
+from rlclip.data import check_records, load_records
+from rlclip.errors import ConfigError
+from rlclip.modeling import load_model, load_model_and_tokenizer
+from rlclip.policy import completion_logprobs, unwrap
+from rlclip.rewards import compute_rewards, resolve_reward_func
+from rlclip.rollout import SamplingSettings, sample_completions
+from rlclip.types import PolicyBatch, RolloutBatch
+from rlclip.utils import MetricAccumulator, all_reduce, find_checkpoint, split_indices
+
+
+class Trainer:
+    """Trains ``config.model`` with the objective named in ``config.objective``.
+
+    Args:
+        config: the resolved training config.
+        reward_funcs: Python reward functions (TRL signature); when given they
+            replace ``config.reward.funcs``.
+        reward_weights: weights of ``reward_funcs`` (default 1 each).
+        train_dataset: records (dicts with a ``prompt``) or a ``datasets.Dataset``;
+            default: the data source in ``config.data``.
+    """
+
+    def __init__(self, config: TrainConfig, reward_funcs: Sequence[Callable[..., Any]] | None = None,
+                 reward_weights: Sequence[float] | None = None, train_dataset: Any = None) -> None:
+        self.config = config
+        report_to = None if config.logging.report_to == "none" else config.logging.report_to
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to,
+                                       project_dir=config.output_dir)
+        set_seed(config.seed)
+        self.objective = build_objective_from_config(config)
+        self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
+        self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
+        check_records(self.records, "the training data set")
+        model, self.tokenizer = load_model_and_tokenizer(
+            config.model.name_or_path, config.model.dtype, config.model.gguf_file,
+            config.model.trust_remote_code, config.model.attn_implementation)
+        self._base_path = model.name_or_path
+        model = self._prepare_model(model)
+        self.ref_model = self._reference_model()
+        self.optimizer = self._optimizer(model)
+        self.scheduler = get_scheduler(config.train.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=config.train.warmup_steps,
+                                       num_training_steps=config.max_steps)
+        # The scheduler is stepped by hand once per optimizer step (accelerate's
+        # wrapper would step it once per process) and only registered for checkpoints.
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        set_seed(config.seed, device_specific=True)  # different samples on each process
+        self.step = 0
+        self.rollout_index = 0
+        self.output_dir = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _reward_funcs(self, funcs: Sequence[Callable[..., Any]] | None,
+                      weights: Sequence[float] | None) -> tuple[list[Callable[..., Any]], list[float]]:
+        if funcs is None:
+            specs = self.config.reward.funcs
+            return [resolve_reward_func(s.name, s.kwargs) for s in specs], [s.weight for s in specs]
+        funcs = list(funcs)
+        weights = list(weights) if weights is not None else [1.0] * len(funcs)
+        if not funcs or len(weights) != len(funcs) or not all(callable(f) for f in funcs):
+            raise ConfigError("reward_funcs must be a non-empty list of callables with one weight each")
+        return funcs, weights
+
+    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        cfg = self.config
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = cfg.lora.target_modules
+            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        return model
+
+    def _reference_model(self) -> torch.nn.Module | None:
+        """A frozen copy of the initial policy, only when KL needs it and LoRA cannot provide it."""
+        if "ref" not in self.objective.needs or self.config.lora.enabled:
+            return None
+        cfg = self.config.model
+        ref = load_model(self._base_path, cfg.dtype, cfg.gguf_file, cfg.trust_remote_code, cfg.attn_implementation)
+        ref.requires_grad_(False).eval()
+        return ref.to(self.accelerator.device)
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        cfg = self.config.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.learning_rate)
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, Any]]:
+        """Train for ``max_steps`` optimizer steps; returns the logged metrics."""
+        cfg, acc = self.config, self.accelerator
+        self._resume()
+        self._write_config()
+        history: list[dict[str, Any]] = []
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.logging.progress_bar))
+        while self.step < cfg.max_steps:
+            start = time.perf_counter()
+            rollout = self.generate(self.next_prompts())
+            rollout_metrics = self.score(rollout)
+            self.record_behaviour(rollout)
+            rollout_metrics["time/rollout_s"] = time.perf_counter() - start
+            for metrics in self.update(rollout):
+                metrics = {"step": self.step, **metrics, **rollout_metrics,
+                           "time/step_s": time.perf_counter() - start}
+                start = time.perf_counter()
+                self.log(metrics)
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            self.rollout_index += 1
+            if cfg.save_steps and self.step // cfg.save_steps > (self.step - self._steps_per_rollout()) // cfg.save_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_model(self.output_dir)
+        acc.end_training()
+        return history
+
+    def next_prompts(self) -> list[dict[str, Any]]:
+        """This process's share of the next rollout's prompts (a seeded pass over the data)."""
+        cfg, acc = self.config, self.accelerator
+        per_rollout = cfg.rollout.prompts_per_step * acc.num_processes
+        start = self.rollout_index * per_rollout + acc.process_index * cfg.rollout.prompts_per_step
+        picked = []
+        for position in range(start, start + cfg.rollout.prompts_per_step):
+            epoch, offset = divmod(position, len(self.records))
+            order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            picked.append(self.records[int(order[offset])])
+        return picked
+
+    def generate(self, records: list[dict[str, Any]]) -> RolloutBatch:
+        """Rollout: G completions per prompt from the current policy."""
+        r = self.config.rollout
+        settings = SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        with unwrap_model_for_generation(self.model, self.accelerator) as policy:
+            policy.eval()
+            rollout = sample_completions(policy, self.tokenizer, records, settings, self.accelerator.device)
+        self.model.train()
+        return rollout
+
+    def score(self, rollout: RolloutBatch) -> dict[str, float]:
+        """Reward and advantage; returns the rollout's metrics (over all processes)."""
+        acc, r = self.accelerator, self.config.rollout
+        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+        rewards, reward_metrics = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
+                                                  rollout.completions, rollout.columns, completion_ids=ids)
+        estimator = adv_lib.ESTIMATORS[self.config.advantage.name]
+        kwargs = {"eps": self.config.advantage.eps} if self.config.advantage.name == "grpo" else {}
+        seq_adv = estimator(rewards, r.group_size, **kwargs)  # [N]
+        rollout.rewards = rewards.to(acc.device)
+        rollout.advantages = seq_adv.to(acc.device).unsqueeze(1).expand_as(rollout.completion_ids).float()  # [N, T]
+        all_rewards = acc.gather(rollout.rewards)  # [N * processes]
+        lengths = acc.gather(rollout.completion_mask.sum(-1).float())
+        truncated = acc.gather(rollout.truncated.float())
+        group_std = all_rewards.view(-1, r.group_size).std(-1) if r.group_size > 1 else all_rewards
+        metrics = {f"{k}": all_reduce(acc, torch.tensor(v, device=acc.device), "mean").item()
+                   for k, v in reward_metrics.items()}
+        metrics.update({
+            "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+            "reward/zero_std_frac": (group_std == 0).float().mean().item(),
+            "completions/mean_length": lengths.mean().item(), "completions/truncated_frac": truncated.mean().item(),
+        })
+        return metrics
+
+    @torch.no_grad()
+    def record_behaviour(self, rollout: RolloutBatch) -> None:
+        """No-grad passes after generation: behaviour log-probs (and sparse support), reference log-probs."""
+        cfg = self.config.train
+        needs = self.objective.needs
+        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1
+        behaviour_pass = off_policy or "support" in needs
+        old, supports, ref = [], [], []
+        for idx in split_indices(len(rollout), cfg.micro_batch_size):
+            micro = rollout.select(idx)
+            if behaviour_pass:
+                stats = self._logprobs(self.model, micro, record_support="support" in needs)
+                old.append(stats["logprobs"])
+                supports.append(stats.get("old_support"))
+            if "ref" in needs:
+                ref.append(self._reference_logprobs(micro))
+        # On-policy without a support, old log-probs are the current ones, detached (policy_batch).
+        rollout.old_logprobs = torch.cat(old) if off_policy else None
+        rollout.ref_logprobs = torch.cat(ref) if ref else None
+        if "support" in needs:
+            rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
+
+    def _reference_logprobs(self, micro: RolloutBatch) -> Tensor:
+        if self.ref_model is not None:
+            return self._logprobs(self.ref_model, micro)["logprobs"]
+        with unwrap(self.model).disable_adapter():  # LoRA: the base model is the reference
+            return self._logprobs(self.model, micro)["logprobs"]
+
+    def _logprobs(self, model: torch.nn.Module, micro: RolloutBatch, need_entropy: bool = False,
+                  record_support: bool = False, with_support: bool = False) -> dict[str, Tensor]:
+        """Log-probs of ``micro``'s completions; optionally entropy, the old top set, or the update-time support."""
+        spec = getattr(self.objective, "support_spec", None) if (record_support or with_support) else None
+        return completion_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask, temperature=self.config.rollout.temperature or 1.0,
+                                   need_entropy=need_entropy, chunk_size=self.config.train.logprob_chunk_size,
+                                   record_support=spec if record_support else None,
+                                   support=spec if with_support else None,
+                                   old_support=micro.old_support if with_support else None)
+
+    def _steps_per_rollout(self) -> int:
+        return self.config.train.num_iterations * self.config.train.mini_batches
+
+    def update(self, rollout: RolloutBatch) -> Iterator[dict[str, float]]:
+        """``num_iterations`` shuffled passes of ``mini_batches`` optimizer steps over the rollout."""
+        cfg = self.config.train
+        size = len(rollout) // cfg.mini_batches
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + self.rollout_index)
+        for _ in range(cfg.num_iterations):
+            order = torch.randperm(len(rollout), generator=generator)
+            for k in range(cfg.mini_batches):
+                yield self.optimizer_step(rollout.select(order[k * size:(k + 1) * size]))
+                if self.step >= self.config.max_steps:
+                    return
+
+    def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
+        """Objective -> backward over micro-batches -> clip -> optimizer step."""
+        acc, cfg = self.accelerator, self.config.train
+        mask = mini_batch.completion_mask
+        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=acc.device)
+        num_tokens, num_sequences = all_reduce(acc, counts, "sum")
+        metrics = MetricAccumulator()
+        chunks = split_indices(len(mini_batch), cfg.micro_batch_size)
+        for i, idx in enumerate(chunks):
+            micro = mini_batch.select(idx)
+            sync = nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model)
+            with sync:
+                out = self.objective(self.policy_batch(micro, num_tokens, num_sequences))
+                # DDP averages gradients over processes; the loss is already a global mean.
+                acc.backward(out.loss * acc.num_processes)
+            metrics.add(out, weight=float(micro.completion_mask.sum()))
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        result = metrics.reduce(acc)
+        result.update({"optim/lr": self.scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm})
+        return result
+
+    def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor, num_sequences: Tensor) -> PolicyBatch:
+        """One forward pass: what the objective declared it needs, and nothing else."""
+        needs = self.objective.needs
+        stats = self._logprobs(self.model, micro, need_entropy="entropy" in needs, with_support="support" in needs)
+        logprobs = stats["logprobs"]  # [b, T]
+        old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        return PolicyBatch(
+            logprobs=logprobs, old_logprobs=old, advantages=micro.advantages,
+            mask=micro.completion_mask.to(logprobs.dtype), ref_logprobs=micro.ref_logprobs,
+            entropy=stats.get("entropy"), support_logprobs=stats.get("support_logprobs"),
+            old_support_logprobs=stats.get("old_support_logprobs"), support_mask=stats.get("support_mask"),
+            num_tokens=num_tokens, num_sequences=num_sequences,
+        )
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.train.max_grad_norm
+        if max_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(params, max_norm))
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    # ------------------------------------------------------------------ outputs
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Append to metrics.jsonl and send to the trackers (main process)."""
+        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+        if self.accelerator.is_main_process:
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(clean) + "\n")
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
+        if self.config.logging.report_to != "none":
+            self.accelerator.init_trackers(self.config.logging.run_name, config=_flat_scalars(self.config))
+
+    def save_model(self, directory: Path) -> None:
+        """``save_pretrained`` (safetensors) of the policy (the adapter alone with LoRA) and tokenizer."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        state_dict = acc.get_state_dict(self.model)
+        acc.unwrap_model(self.model).save_pretrained(directory, is_main_process=acc.is_main_process,
+                                                     state_dict=state_dict, safe_serialization=True,
+                                                     save_function=acc.save)
+        if acc.is_main_process:
+            self.tokenizer.save_pretrained(directory)
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-N/``: the model, plus optimizer/scheduler/RNG state to resume from."""
+        path = self.output_dir / f"checkpoint-{self.step}"
+        self.save_model(path)
+        self.accelerator.save_state(str(path / "state"))
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "rollout_index": self.rollout_index}
+            (path / "trainer_state.json").write_text(json.dumps(state))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _resume(self) -> None:
+        target = self.config.resume_from_checkpoint
+        if not target:
+            return
+        path = find_checkpoint(self.output_dir, target)
+        self.accelerator.load_state(str(path / "state"))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.rollout_index = state["step"], state["rollout_index"]
+
+
+def _flat_scalars(config: TrainConfig) -> dict[str, Any]:
+    import dataclasses
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    return flat

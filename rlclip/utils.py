@@ -1,0 +1,89 @@
+"""Small helpers for the trainer: index splitting, metric reduction, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import Tensor
+
+from rlclip.errors import ConfigError
+from rlclip.types import ObjectiveOutput
+
+
+def split_indices(n: int, size: int) -> list[Tensor]:
+    """``[0, n)`` in consecutive chunks of at most ``size``."""
+    return list(torch.arange(n).split(size))
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(accelerator: Accelerator, tensor: Tensor, op: str) -> Tensor:
+    """Sum, mean, min or max of ``tensor`` over processes (identity on one process)."""
+    tensor = tensor.clone()
+    if accelerator.num_processes > 1:
+        dist.all_reduce(tensor, op=_OPS["sum" if op == "mean" else op])
+        if op == "mean":
+            tensor = tensor / accelerator.num_processes
+    return tensor
+
+
+class MetricAccumulator:
+    """Token-weighted means of objective metrics over micro-batches and processes.
+
+    Keys ending in ``_min`` / ``_max`` are reduced with min / max instead.
+    The loss is summed: each micro-batch loss is already a share of the global mean.
+    """
+
+    def __init__(self) -> None:
+        self.loss = 0.0
+        self.weight = 0.0
+        self.sums: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+
+    def add(self, out: ObjectiveOutput, weight: float) -> None:
+        self.loss += float(out.loss.detach())
+        self.weight += weight
+        for key, value in out.metrics.items():
+            value = float(value.detach()) if isinstance(value, Tensor) else float(value)
+            if key.endswith("_min"):
+                self.extremes[key] = min(self.extremes.get(key, value), value)
+            elif key.endswith("_max"):
+                self.extremes[key] = max(self.extremes.get(key, value), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value * weight
+
+    def reduce(self, accelerator: Accelerator) -> dict[str, float]:
+        device = accelerator.device
+        keys = sorted(self.sums)
+        sums = torch.tensor([self.loss, self.weight] + [self.sums[k] for k in keys], dtype=torch.float64,
+                            device=device)
+        sums = all_reduce(accelerator, sums, "sum")
+        weight = max(float(sums[1]), 1.0)
+        out = {"loss": float(sums[0])}
+        out.update({f"objective/{k}": float(v) / weight for k, v in zip(keys, sums[2:])})
+        for key in sorted(self.extremes):
+            op = "min" if key.endswith("_min") else "max"
+            value = all_reduce(accelerator, torch.tensor(self.extremes[key], dtype=torch.float64, device=device), op)
+            out[f"objective/{key}"] = float(value)
+        return out
+
+
+def find_checkpoint(output_dir: Path, target: str) -> Path:
+    """``latest`` -> the highest ``checkpoint-N`` in ``output_dir``; else the given path."""
+    if target == "latest":
+        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint=latest but {output_dir} has no checkpoint-N directory; "
+                              "train once with save_steps > 0 or pass a checkpoint path")
+        return found[-1]
+    path = Path(target)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint={target} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
