@@ -1,0 +1,28 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install test lint smoke clean
+
+# torch first: the pinned wheel is the CPU build on this machine (CUDA elsewhere);
+# installed first so that nothing else pulls a different build.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+test: install
+	$(VENV)/bin/pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check rlclip tests eval recipes
+
+smoke: install
+	$(VENV)/bin/rlclip train --config recipes/smoke/tiny.yaml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
