@@ -31,10 +31,10 @@ NUMERIC_SUITES = frozenset({"gsm8k", "svamp", "asdiv"})
 MATH_SUITES = frozenset({"math500", "math"})
 SUITE_NAMES = tuple(sorted(NUMERIC_SUITES | MATH_SUITES))
 
-# A number token: thousands separators, decimals; not glued to a preceding word/number.
+# A number token: thousands separators, decimals; not glued to a word/number, not part of 3:30.
 _NUMBER = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
-_NUMBER_RE = re.compile(rf"(?<![\w.])(-?)({_NUMBER})(?![\d])")
-_FRACTION_RE = re.compile(rf"(?<![\w.])(-?)({_NUMBER})\s*/\s*({_NUMBER})(?![\d])")
+_NUMBER_RE = re.compile(rf"(?<![\w.])(?<!\d:)(-?)({_NUMBER})(?!\d|:\d)")
+_FRACTION_RE = re.compile(rf"(?<![\w.])(?<!\d:)(-?)({_NUMBER})\s*/\s*({_NUMBER})(?!\d|:\d)")
 _LATEX_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
 _LATEX_FRAC_SHORT_RE = re.compile(r"\\[dt]?frac(\d)(\d)")
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
