@@ -7,6 +7,7 @@ trainer broadcasts them over the response tokens.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from rlclip.errors import ConfigError
@@ -27,7 +28,8 @@ def grpo(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True
     groups = _groups(rewards, group_size)  # [N/G, G]
     centred = groups - groups.mean(-1, keepdim=True)
     if scale:
-        centred = centred / (groups.std(-1, keepdim=True) + eps)
+        # clamp: an all-equal group has centred == 0 and must stay 0 even with eps = 0
+        centred = centred / (groups.std(-1, keepdim=True) + eps).clamp_min(torch.finfo(groups.dtype).tiny)
     return centred.reshape(-1)  # [N]
 
 

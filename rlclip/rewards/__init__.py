@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -92,6 +93,20 @@ def _checked(name: str, values: Any, n: int) -> list[float]:
     return out
 
 
+def _check_signature(func: RewardFunc, name: str, kwargs: dict[str, Any], columns: dict[str, Any]) -> None:
+    """A reward function asking for a column the data set lacks fails here, by name."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call speak
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        raise RewardError(f"reward function {name!r} cannot be called with the data set's columns "
+                          f"({', '.join(sorted(columns)) or 'none'}): {err}; add the column to the data or "
+                          "give the function defaults and **kwargs") from None
+
+
 def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], prompts: list[Any],
                     completions: list[Any], columns: dict[str, list[Any]],
                     **extra: Any) -> tuple[Tensor, dict[str, float]]:
@@ -105,8 +120,9 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
     metrics: dict[str, float] = {}
     for func in funcs:
         name = reward_name(func)
-        values = torch.tensor(_checked(name, func(prompts=prompts, completions=completions, **columns, **extra), n),
-                              dtype=torch.float32)  # [N]
+        kwargs = {"prompts": prompts, "completions": completions, **columns, **extra}
+        _check_signature(func, name, kwargs, columns)
+        values = torch.tensor(_checked(name, func(**kwargs), n), dtype=torch.float32)  # [N]
         per_func.append(values)
         metrics[f"reward/{name}/mean"] = float(values.nanmean()) if not values.isnan().all() else math.nan
     stacked = torch.stack(per_func, dim=1) * torch.tensor(weights, dtype=torch.float32)  # [N, F]
