@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -15,12 +17,28 @@ TINY = "tiny"
 
 
 def resolve_tiny(name_or_path: str, seed: int = 0) -> str:
-    """``tiny`` -> a freshly built tiny random model directory (seeded); other names unchanged."""
+    """``tiny`` -> the directory of the seeded tiny random model (built once, shared); other names unchanged.
+
+    The main process builds it first (transformers writes files only on rank 0
+    once torch.distributed is up); the directory is filled under a temporary
+    name and renamed, so concurrent runs never see half a model.
+    """
     if name_or_path != TINY:
         return name_or_path
-    from rlclip.tiny import build_tiny_model
+    from accelerate import PartialState
 
-    return build_tiny_model(tempfile.mkdtemp(prefix="rlclip-tiny-"), seed=seed)
+    from rlclip.tiny import TINY_VERSION, build_tiny_model
+
+    final = Path(tempfile.gettempdir()) / f"rlclip-tiny-v{TINY_VERSION}-seed{seed}"
+    with PartialState().main_process_first():
+        if not (final / "config.json").is_file():
+            staging = tempfile.mkdtemp(prefix=final.name + "-", dir=final.parent)
+            build_tiny_model(staging, seed=seed)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)  # another run got there first
+    return str(final)
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None,

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+# Bump when the tiny model or tokenizer changes (cached builds are keyed on it).
+TINY_VERSION = 1
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 # Printable ASCII one character per token: digits and operators are single
 # tokens, which makes arithmetic tasks legible for a tiny model.
