@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from rlclip.errors import RlclipError
 
-class DataError(ValueError):
+
+class DataError(RlclipError, ValueError):
     """A data file or record is missing or malformed.
 
     The message names where the problem is (file, line or record index, field),
     e.g. ``test.jsonl, line 12, field 'answer': has no '####' final answer``.
-    The parts are kept as attributes for programs.
+    The parts are kept as attributes for programs. Being an ``RlclipError``, the
+    ``rlclip`` CLI prints it as one line without a traceback.
     """
 
     def __init__(
