@@ -111,6 +111,86 @@ def _chunked(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperature: fl
     return logprobs, entropy
 
 
+# ---------------------------------------------------------------- sparse top-K supports (TROLL)
+#
+# Behaviour pass (``record_support``): per completion token, the old policy's top
+# set -- the smallest set of tokens whose probability reaches 1 - tail_mass,
+# capped at top_k -- as ``indices`` / ``logprobs`` / ``mask`` padded to top_k,
+# plus ``token_logprobs`` (log pi_old of the sampled token, which may lie
+# outside the top set).
+#
+# Update pass (``support`` + ``old_support``): the support is the sampled token
+# (slot 0), then the old top set, then the current policy's top set (same rule,
+# chosen without grad), deduplicated and compacted to the front; unused slots
+# have ``support_mask`` 0 and log-prob -inf. ``support_logprobs`` is the
+# full-vocabulary log-softmax gathered on the support (grad flows through the
+# normaliser, so the mass outside the support gets gradient).
+# ``old_support_logprobs`` is log pi_old on the same slots: recorded values on
+# the old top set, the exact old log-prob of the sampled token, and, for slots
+# only in the current top set, the old rest mass (1 - old top set - sampled
+# token) spread uniformly over the V - |old top set| - 1 tokens it belongs to
+# (the maximum-entropy completion of what was recorded; TROLL's authors fill
+# such entries with a small constant probability). The old distribution over
+# the support plus a tail bucket then still sums to one.
+
+_TINY_MASS = 1e-30  # floor of the old rest mass before its log (an exactly covered vocabulary)
+
+
+def _top_set(logp: Tensor, spec: SupportSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Smallest top set reaching ``1 - tail_mass`` (capped at ``top_k``) of ``logp [n, V]``, no grad.
+
+    Returns indices, log-probs and mask ``[n, k]`` with k = min(top_k, V),
+    sorted by decreasing probability; a rank is kept while the mass of the
+    ranks above it is below 1 - tail_mass, so the top token is always kept.
+    """
+    with torch.no_grad():
+        values, indices = torch.topk(logp, min(spec.top_k, logp.shape[-1]), dim=-1)  # [n, k]
+        mass_before = torch.cumsum(values.double().exp(), dim=-1) - values.double().exp()  # [n, k]
+        mask = mass_before < 1.0 - spec.tail_mass
+    return indices, values, mask
+
+
+def _union_support(tokens: Tensor, old_idx: Tensor, old_mask: Tensor, new_idx: Tensor,
+                   new_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Deduplicated union [sampled token, old top set, new top set], used slots first.
+
+    Returns ``indices [n, S]`` (unused slots hold 0), ``mask [n, S]`` and
+    ``origin [n, S]``: each slot's position in the candidate list
+    ``[token, old_idx..., new_idx...]`` (0 = sampled token, 1..K_old = old set).
+    A token in several lists keeps its first position, so slot 0 is always
+    the sampled token. S is the largest union size in the chunk.
+    """
+    cand = torch.cat([tokens[:, None], old_idx.masked_fill(~old_mask, -1),
+                      new_idx.masked_fill(~new_mask, -1)], dim=1)  # [n, C]
+    n, width = cand.shape
+    sorted_vals, order = cand.sort(dim=1, stable=True)  # equal ids stay in candidate order
+    first = torch.ones_like(cand, dtype=torch.bool)
+    first[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    keep = torch.empty_like(first).scatter_(1, order, first) & (cand >= 0)  # [n, C]
+    pos = torch.arange(width, device=cand.device).expand(n, width)
+    origin = torch.where(keep, pos, pos + width).argsort(dim=1)  # kept slots first, in candidate order
+    size = int(keep.sum(1).max()) if n else 1
+    origin = origin[:, :size]
+    return cand.gather(1, origin).clamp_min(0), keep.gather(1, origin), origin
+
+
+def _old_on_support(origin: Tensor, mask: Tensor, tokens: Tensor, old: dict[str, Tensor],
+                    vocab_size: int) -> Tensor:
+    """log pi_old on the union slots (see the section comment); unused slots -inf."""
+    old_idx, old_lp, old_mask, old_tok = old["indices"], old["logprobs"], old["mask"], old["token_logprobs"]
+    k_old = old_lp.shape[1]
+    recorded = old_lp.gather(1, (origin - 1).clamp(0, k_old - 1))  # [n, S]
+    from_old = (origin >= 1) & (origin <= k_old)
+    tok_in_top = ((old_idx == tokens[:, None]) & old_mask).any(1)  # [n]
+    top_mass = (old_lp.double().exp() * old_mask).sum(1)
+    rest = 1.0 - top_mass - torch.where(tok_in_top, 0.0, old_tok.double().exp())  # [n]
+    n_rest = vocab_size - old_mask.sum(1) - (~tok_in_top).long()  # tokens sharing the rest mass
+    spread = (rest.clamp_min(_TINY_MASS).log() - n_rest.clamp_min(1).double().log()).to(old_lp.dtype)
+    out = torch.where(from_old, recorded, spread[:, None])
+    out[:, 0] = old_tok
+    return out.masked_fill(~mask, float("-inf"))
+
+
 def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, *, temperature: float = 1.0, need_entropy: bool = False,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, record_support: SupportSpec | None = None,

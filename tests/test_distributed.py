@@ -47,8 +47,9 @@ def assert_same_params(a, b):
 
 
 def test_step_changes_parameters(results):
-    from rlclip.tiny import build_tiny_model
     from transformers import AutoModelForCausalLM
+
+    from rlclip.tiny import build_tiny_model
 
     res, tmp = results
     init = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp / "init"))

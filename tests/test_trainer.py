@@ -106,3 +106,15 @@ def test_learning_toy_task_raises_reward(tmp_path):
     first = sum(h["reward/mean"] for h in history[:4]) / 4
     last = sum(h["reward/mean"] for h in history[-4:]) / 4
     assert last > 0.3 and last > 5 * first, (first, last)
+
+
+@pytest.mark.parametrize("objective, metric", [
+    ("archer", "objective/reasoning_frac"),
+    ("pspo", "objective/smoothed_ratio_mean"),
+    ("ratio_clip", "objective/clip_frac_high"),
+])
+def test_each_objective_trains_three_steps_with_mu2(tmp_path, objective, metric):
+    cfg = tiny_config(tmp_path, f"objective.name={objective}", "max_steps=3", "train.num_iterations=2")
+    history = Trainer(cfg).train()
+    assert len(history) == 3
+    assert metric in history[-1] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

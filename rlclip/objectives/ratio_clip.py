@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from rlclip.errors import ConfigError
-from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_max, masked_mean, masked_min, register_objective
+from rlclip.objectives.base import (
+    LOG_RATIO_CLAMP,
+    Objective,
+    masked_max,
+    masked_mean,
+    masked_min,
+    register_objective,
+)
 from rlclip.types import PolicyBatch
 
 

@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_config  # noqa: E402
-
 from rlclip.trainer import Trainer  # noqa: E402
 from rlclip.types import RolloutBatch  # noqa: E402
 

@@ -1,0 +1,79 @@
+"""Bad input: a one-line error naming the problem, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+
+RECIPE = str(ROOT / "recipes/smoke/tiny.yaml")
+
+
+def rlclip(*args, env_extra=None, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "rlclip", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("rlclip")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["--objective.name", "nope"], ["unknown objective 'nope'", "ratio_clip"]),
+    (["--objective.eps_hgih", "0.3"], ["no setting eps_hgih", "eps_high"]),
+    (["--trian.learning_rate", "1"], ["trian"]),
+    (["--max_steps", "many"], ["max_steps", "Integer"]),
+    (["--max_steps", "-3"], ["max_steps must be >= 1", "-3"]),
+    (["--data.limit", "0"], ["is empty"]),
+    (["--train.mini_batches", "3"], ["mini_batches=3 does not divide"]),
+    (["--max_steps"], ["has no value"]),
+])
+def test_config_errors(tmp_path, overrides, needles):
+    proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}", *overrides)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_recipe_and_unknown_command(tmp_path):
+    assert_one_line_error(rlclip("train", "--config", str(tmp_path / "no.yaml")), "does not exist")
+    proc = rlclip("trian")
+    assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+REWARDS = textwrap.dedent("""
+    def wrong_length(prompts, completions, **kwargs):
+        return [1.0]
+
+    def needs_solution(prompts, completions, solution, **kwargs):
+        return [0.0] * len(completions)
+""")
+
+
+@pytest.mark.parametrize("func, needles", [
+    ("wrong_length", ["'wrong_length' returned 1 values for 32 completions"]),
+    ("needs_solution", ["'needs_solution'", "solution", "answer, question, suite"]),
+])
+def test_reward_function_errors(tmp_path, func, needles):
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(open(RECIPE).read().replace("name: target_token", f"name: my_rewards:{func}"))
+    proc = rlclip("train", "--config", str(recipe), f"--output_dir={tmp_path}/out", "--max_steps", "1",
+                  env_extra={"PYTHONPATH": str(tmp_path)})
+    assert_one_line_error(proc, *needles)
+
+
+def test_reward_function_not_importable(tmp_path):
+    proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}",
+                  "--reward.funcs=[{name: 'nowhere:func'}]")
+    assert_one_line_error(proc, "cannot be imported")
