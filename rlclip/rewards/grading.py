@@ -155,10 +155,10 @@ def _hashes_span(text: str) -> str | None:
 
 def _clean_span(span: str) -> str:
     """Strip whitespace, markdown bold, surrounding ``$`` and trailing punctuation."""
-    span = span.strip().replace("**", "").strip()
+    span = span.strip().strip("*").strip().rstrip(" .,;!").strip()
     while len(span) >= 2 and span[0] == "$" and span[-1] == "$":
-        span = span[1:-1].strip()
-    return span.rstrip(" .,;!").strip()
+        span = span[1:-1].strip().rstrip(" .,;!").strip()
+    return span
 
 
 def _last_number_token(text: str) -> str | None:
@@ -181,8 +181,10 @@ def _normalize_numeric_text(text: str, keep_equals: bool = False) -> str:
     text = _TEXT_CMD_RE.sub(r" \1 ", text)
     text = _LATEX_FRAC_RE.sub(r"\1/\2", text)
     text = _LATEX_FRAC_SHORT_RE.sub(r"\1/\2", text)
-    for token in ("\\$", "$", "\\%", "\\left", "\\right", "**"):
-        text = text.replace(token, " " if token.startswith("\\l") or token.startswith("\\r") else "")
+    for token in ("\\$", "$", "\\%"):
+        text = text.replace(token, "")
+    for token in ("\\left", "\\right", "**"):
+        text = text.replace(token, " ")
     text = _PLAIN_PARENS_RE.sub(r"\1", text)
     if not keep_equals and "=" in text:
         text = text.rsplit("=", 1)[1]
