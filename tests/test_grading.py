@@ -23,6 +23,8 @@ from rlclip.rewards.math_rewards import completion_text, correctness_reward, for
 NUMERIC_CASES = [
     ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "gsm8k", True),
     ("#### 1,000", "1000", "gsm8k", True),
+    ("#### Step 2: add the costs\n9 + 9 = 18, so \\boxed{18}.", "18", "gsm8k", True),
+    ("#### 18 dollars", "18", "gsm8k", True),
     ("The total is \\boxed{2125}.", "2,125", "gsm8k", True),
     ("So the answer is \\boxed{18}.", "18", "gsm8k", True),
     ("\\boxed{\\$18.00}", "18", "gsm8k", True),
@@ -173,6 +175,15 @@ def _timed_grade(completion: str, gold: str, timeout: float) -> tuple[bool, floa
     start = time.perf_counter()
     result = grade(completion, gold, "math500", timeout=timeout)
     return result, time.perf_counter() - start
+
+
+def test_huge_inputs_are_fast() -> None:
+    huge = "1 2 3 " * 100_000 + "the answer is " + "( " * 5000 + "\\boxed{" + "{" * 3000
+    start = time.perf_counter()
+    assert grade(huge, "3", "gsm8k") is False
+    assert grade(huge, "3", "math500") is False
+    assert grade("\\boxed{" + "x+" * 5000 + "1}", "3", "math500") is False
+    assert time.perf_counter() - start < 5.0
 
 
 def test_pathological_input_times_out() -> None:

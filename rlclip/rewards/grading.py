@@ -44,6 +44,8 @@ _ANSWER_IS_RE = re.compile(
     r"\b(?:final\s+answer|the\s+answer|answer)\s*\**\s*(?:is|:|=)\s*:?\s*\**", re.IGNORECASE
 )
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
+# "#### 18", "#### $1,000.50", "#### 18 dollars": a number and at most two words.
+_HASH_ANSWER_RE = re.compile(r"\\?\$?\s*-?\$?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*%?(?:\s+[^\s\d]+){0,2}")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _COLON_RE = re.compile(r"(\d+)\s*:\s*(\d+)(?:\s*:\s*(\d+))?(?:\s*([ap])\.?\s*m\b\.?)?", re.IGNORECASE)
 _RATIO_WORDS_RE = re.compile(r"(\d+)\s+to\s+(\d+)")
@@ -57,6 +59,8 @@ _WORD_NUMBERS = {
     )
 }
 _REL_TOL = 1e-6
+# Boxed answers longer than this are not sent to math-verify (no MATH answer is that long).
+MAX_SYMBOLIC_CHARS = 1000
 
 
 def check_suite(suite: str) -> str:
@@ -146,11 +150,13 @@ def answer_is_span(text: str) -> str | None:
 
 
 def _hashes_span(text: str) -> str | None:
-    """The rest of the line after the last ``####``."""
-    matches = _HASHES_RE.findall(text)
-    if not matches:
-        return None
-    return _clean_span(matches[-1]) or None
+    """The rest of the line after the last ``#### N`` (a markdown heading such as
+    ``#### Step 2: add the costs`` is not a final answer and is skipped)."""
+    for line in reversed(_HASHES_RE.findall(text)):
+        span = _clean_span(line)
+        if _HASH_ANSWER_RE.fullmatch(span):
+            return span
+    return None
 
 
 def _clean_span(span: str) -> str:
@@ -444,6 +450,8 @@ def grade_math(completion: str, gold: str, timeout: float | None = None) -> bool
     pred_value, gold_value = _plain_value(pred_norm), _plain_value(gold_norm)
     if pred_value is not None and gold_value is not None:
         return math.isclose(pred_value, gold_value, rel_tol=_REL_TOL, abs_tol=1e-9)
+    if len(pred) > MAX_SYMBOLIC_CHARS:
+        return False
     return get_pool().verify(str(gold), pred, timeout=timeout)
 
 

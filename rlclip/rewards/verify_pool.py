@@ -82,7 +82,10 @@ class _Worker:
         line = self._next_line(timeout)
         if line is None:
             raise RuntimeError("math-verify worker died")
-        return bool(json.loads(line).get("ok", False))
+        try:
+            return bool(json.loads(line)["ok"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"math-verify worker sent {line[:80]!r}") from exc
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -179,15 +182,17 @@ def _warn_once(message: str) -> None:
 
 
 _POOL: VerifyPool | None = None
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def get_pool() -> VerifyPool:
-    """The process-wide pool, created on first use."""
-    global _POOL
+    """The process-wide pool, created on first use (and anew in a forked child process,
+    which must not share its parent's worker pipes)."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = VerifyPool()
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL, _POOL_PID = VerifyPool(), os.getpid()
             atexit.register(_POOL.close)
         return _POOL
 
@@ -222,14 +227,15 @@ def _serve() -> None:
     import math_verify  # noqa: F401  (import before announcing readiness)
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    print(_READY, flush=True)
+    replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the protocol
+    print(_READY, file=replies, flush=True)
     for line in sys.stdin:
         try:
             request = json.loads(line)
             ok = _compare(str(request["gold"]), str(request["pred"]))
         except Exception:
             ok = False
-        print(json.dumps({"ok": ok}), flush=True)
+        print(json.dumps({"ok": ok}), file=replies, flush=True)
 
 
 if __name__ == "__main__" and "--serve" in sys.argv[1:]:
