@@ -191,6 +191,102 @@ def _old_on_support(origin: Tensor, mask: Tensor, tokens: Tensor, old: dict[str,
     return out.masked_fill(~mask, float("-inf"))
 
 
+def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    return torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)  # [n, V]
+
+
+def _chunk_entropy(logp: Tensor, need_entropy: bool) -> Tensor:
+    if not need_entropy:
+        return logp.new_zeros(())
+    with torch.no_grad():
+        return -(logp.exp() * logp).sum(-1)  # [n]
+
+
+def _record_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
+                  need_entropy: bool, spec: SupportSpec) -> tuple[Tensor, ...]:
+    """Behaviour pass, one chunk: token log-prob, entropy, and the top set padded to ``top_k``."""
+    logp = _chunk_logp(hidden, weight, bias, temperature)
+    token_logp = logp.gather(-1, tokens[:, None]).squeeze(-1)  # [n]
+    idx, values, mask = _top_set(logp, spec)  # [n, k]
+    pad = spec.top_k - idx.shape[1]  # vocabulary smaller than top_k
+    if pad:
+        idx, values, mask = F.pad(idx, (0, pad)), F.pad(values, (0, pad)), F.pad(mask, (0, pad))
+    return token_logp, _chunk_entropy(logp, need_entropy), idx, values.masked_fill(~mask, float("-inf")), mask
+
+
+def _support_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
+                   need_entropy: bool, spec: SupportSpec, old: dict[str, Tensor],
+                   cache: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Update pass, one chunk: log pi_theta on the union support (grad), entropy, mask, log pi_old.
+
+    The support is chosen without grad and kept in ``cache``, so the
+    recomputation of this chunk in backward (activation checkpointing) skips
+    the top-K selection and reuses the same slots.
+    """
+    logp = _chunk_logp(hidden, weight, bias, temperature)  # [n, V]
+    if "support" not in cache:
+        with torch.no_grad():
+            new_idx, _, new_mask = _top_set(logp, spec)
+            idx, mask, origin = _union_support(tokens, old["indices"], old["mask"], new_idx, new_mask)
+            cache["support"] = (idx, mask, _old_on_support(origin, mask, tokens, old, logp.shape[-1]))
+    idx, mask, old_lp = cache["support"]
+    support_lp = logp.gather(-1, idx).masked_fill(~mask, float("-inf"))  # [n, S]
+    return support_lp, _chunk_entropy(logp, need_entropy), mask, old_lp
+
+
+def _run_chunk(fn, *args):
+    """``fn(*args)``, through activation checkpointing when a grad is needed (no [n, V] kept for backward)."""
+    if torch.is_grad_enabled() and args[0].requires_grad:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _chunked_record(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperature: float, need_entropy: bool,
+                    chunk_size: int, spec: SupportSpec) -> dict[str, Tensor]:
+    """Behaviour pass over all positions: log-probs (+ entropy) and the old top sets ``[B, T, top_k]``."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    parts = [_run_chunk(_record_stats, flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size],
+                        temperature, need_entropy, spec) for s in range(0, flat_h.shape[0], chunk_size)]
+    token_lp, ent, idx, lp, mask = (list(col) for col in zip(*parts))
+    token_lp, idx, lp, mask = torch.cat(token_lp), torch.cat(idx), torch.cat(lp), torch.cat(mask)
+    shape = tokens.shape
+    out = {"logprobs": token_lp.view(shape),
+           "old_support": {"indices": idx.view(*shape, -1), "logprobs": lp.view(*shape, -1),
+                           "mask": mask.view(*shape, -1), "token_logprobs": token_lp.detach().view(shape)}}
+    if need_entropy:
+        out["entropy"] = torch.cat(ent).view(shape)
+    return out
+
+
+def _pad_slots(parts: list[Tensor], width: int, value: float | bool) -> Tensor:
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=value) for p in parts])
+
+
+def _chunked_support(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperature: float, need_entropy: bool,
+                     chunk_size: int, spec: SupportSpec, old_support: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Update pass over all positions: log-probs, the union support ``[B, T, S]`` and log pi_old on it."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    old_flat = {k: old_support[k].reshape(flat_t.shape[0], *old_support[k].shape[2:]).to(flat_t.device)
+                for k in ("indices", "logprobs", "mask", "token_logprobs")}
+    parts = []
+    for s in range(0, flat_h.shape[0], chunk_size):
+        old = {k: v[s:s + chunk_size] for k, v in old_flat.items()}
+        parts.append(_run_chunk(_support_stats, flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size],
+                                temperature, need_entropy, spec, old, {}))
+    sup, ent, mask, old_lp = (list(col) for col in zip(*parts))
+    width = max(p.shape[1] for p in sup)
+    shape = tokens.shape
+    support_lp = _pad_slots(sup, width, float("-inf")).view(*shape, width)
+    out = {"logprobs": support_lp[..., 0], "support_logprobs": support_lp,
+           "old_support_logprobs": _pad_slots(old_lp, width, float("-inf")).view(*shape, width),
+           "support_mask": _pad_slots(mask, width, False).view(*shape, width)}
+    if need_entropy:
+        out["entropy"] = torch.cat(ent).view(shape)
+    return out
+
+
 def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, *, temperature: float = 1.0, need_entropy: bool = False,
                         chunk_size: int = DEFAULT_CHUNK_SIZE, record_support: SupportSpec | None = None,
@@ -202,9 +298,33 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
     asked, always detached). Logits are divided by the sampling
     ``temperature`` so the log-probs are those of the distribution sampled
     from. Runs with or without grad, following the caller's grad mode.
+
+    Sparse supports (TROLL, see the section comment above ``_top_set``):
+
+    - ``record_support=spec`` (behaviour pass) adds ``"old_support"``: a dict
+      of ``indices`` / ``logprobs`` / ``mask`` ``[B, T, top_k]`` (the old top
+      set, padded to exactly ``top_k``) and ``token_logprobs [B, T]``; pass it
+      back as ``old_support`` in the update pass.
+    - ``support=spec`` with ``old_support`` (update pass) adds
+      ``"support_logprobs"`` (grad), ``"old_support_logprobs"`` and
+      ``"support_mask"``, all ``[B, T, S]`` with the sampled token in slot 0.
     """
+    if record_support is not None and support is not None:
+        raise ValueError("pass either record_support (behaviour pass) or support (update pass), not both")
+    if support is not None and old_support is None:
+        raise ValueError("support needs old_support: the dict recorded by a record_support pass")
     hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     lm_head = unwrap(model).get_output_embeddings()
+    if record_support is not None or support is not None:
+        if record_support is not None:
+            out = _chunked_record(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
+                                  record_support)
+        else:
+            out = _chunked_support(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
+                                   support, old_support)
+        if "entropy" in out:
+            out["entropy"] = out["entropy"].detach()
+        return out
     logprobs, entropy = _chunked(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size)
     out = {"logprobs": logprobs}
     if entropy is not None:
