@@ -217,7 +217,7 @@ def _record_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: T
 def _support_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
                    need_entropy: bool, spec: SupportSpec, old: dict[str, Tensor],
                    cache: dict[str, tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """Update pass, one chunk: log pi_theta on the union support (grad), entropy, mask, log pi_old.
+    """Update pass, one chunk: log pi_theta on the union support (grad), entropy, mask, log pi_old, ids.
 
     The support is chosen without grad and kept in ``cache``, so the
     recomputation of this chunk in backward (activation checkpointing) skips
@@ -231,7 +231,7 @@ def _support_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: 
             cache["support"] = (idx, mask, _old_on_support(origin, mask, tokens, old, logp.shape[-1]))
     idx, mask, old_lp = cache["support"]
     support_lp = logp.gather(-1, idx).masked_fill(~mask, float("-inf"))  # [n, S]
-    return support_lp, _chunk_entropy(logp, need_entropy), mask, old_lp
+    return support_lp, _chunk_entropy(logp, need_entropy), mask, old_lp, idx
 
 
 def _run_chunk(fn, *args):
@@ -275,13 +275,14 @@ def _chunked_support(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, tempera
         old = {k: v[s:s + chunk_size] for k, v in old_flat.items()}
         parts.append(_run_chunk(_support_stats, flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size],
                                 temperature, need_entropy, spec, old, {}))
-    sup, ent, mask, old_lp = (list(col) for col in zip(*parts))
+    sup, ent, mask, old_lp, idx = (list(col) for col in zip(*parts))
     width = max(p.shape[1] for p in sup)
     shape = tokens.shape
     support_lp = _pad_slots(sup, width, float("-inf")).view(*shape, width)
     out = {"logprobs": support_lp[..., 0], "support_logprobs": support_lp,
            "old_support_logprobs": _pad_slots(old_lp, width, float("-inf")).view(*shape, width),
-           "support_mask": _pad_slots(mask, width, False).view(*shape, width)}
+           "support_mask": _pad_slots(mask, width, False).view(*shape, width),
+           "support_indices": _pad_slots(idx, width, 0).view(*shape, width)}
     if need_entropy:
         out["entropy"] = torch.cat(ent).view(shape)
     return out
@@ -307,7 +308,8 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
       back as ``old_support`` in the update pass.
     - ``support=spec`` with ``old_support`` (update pass) adds
       ``"support_logprobs"`` (grad), ``"old_support_logprobs"`` and
-      ``"support_mask"``, all ``[B, T, S]`` with the sampled token in slot 0.
+      ``"support_mask"``, all ``[B, T, S]`` with the sampled token in slot 0,
+      and ``"support_indices"`` (the token id of each slot).
     """
     if record_support is not None and support is not None:
         raise ValueError("pass either record_support (behaviour pass) or support (update pass), not both")
