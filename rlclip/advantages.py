@@ -50,4 +50,49 @@ def rloo(rewards: Tensor, group_size: int) -> Tensor:
     return (groups - others).reshape(-1)  # [N]
 
 
-ESTIMATORS = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+GROUP_ESTIMATORS = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+
+
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv 1506.02438).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last counted token is 0),
+    A_t = delta_t + gamma * lam * A_{t+1}; returns R_t = A_t + V_t.
+    All inputs ``[B, T]`` with right padding; padded positions get 0 and do
+    not affect counted ones. gamma = lam = 1 gives R_t = sum_{k >= t} r_k;
+    lam = 0 gives the one-step TD error.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = token_rewards * mask, values * mask  # [B, T]
+    advantages = torch.zeros_like(values)  # [B, T]
+    next_value = torch.zeros_like(values[:, 0])  # [B]
+    running = torch.zeros_like(values[:, 0])  # [B]
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def outcome_token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None,
+                          kl_coef: float = 0.0) -> Tensor:
+    """Token-level rewards: the outcome reward on each response's last counted token,
+    minus ``kl_coef * kl`` on every token when a KL penalty is folded into the reward.
+    """
+    mask = mask.to(torch.float32)
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)  # [B, T]: the final counted token
+    token_rewards = last.float() * rewards.unsqueeze(-1).float()  # [B, T]
+    if kl is not None and kl_coef:
+        token_rewards = token_rewards - kl_coef * kl.float() * mask
+    return token_rewards
+
+
+def whiten(values: Tensor, mask: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) on counted tokens, 0 elsewhere.
+
+    ``mean`` and ``var`` are those of the counted values of the *global*
+    batch (the trainer all-reduces them), so every process whitens alike.
+    """
+    return (values - mean) * torch.rsqrt(var + eps) * mask.to(values.dtype)

@@ -97,9 +97,37 @@ class RewardConfig:
 @dataclass
 class AdvantageConfig:
     name: str = "grpo"
-    """Estimator: grpo, dr_grpo or rloo."""
+    """Estimator: grpo, dr_grpo, rloo, or gae (PPO mode: trains a critic)."""
     eps: float = 1e-4
     """grpo: added to the group std before dividing."""
+    gamma: float = 1.0
+    """gae: discount."""
+    lam: float = 0.95
+    """gae: lambda of the exponentially weighted TD errors."""
+    whiten: bool = True
+    """gae: normalise advantages to zero mean, unit variance over the global batch."""
+    kl_in_reward: float = 0.0
+    """gae: coefficient of the per-token KL(behaviour || reference) folded into the reward (loads a reference)."""
+
+
+@dataclass
+class CriticConfig:
+    name_or_path: str | None = None
+    """Value model initialisation: None = the policy checkpoint (new scalar head), or a reward model."""
+    learning_rate: float = 1e-5
+    """Critic AdamW learning rate (constant)."""
+    weight_decay: float = 0.0
+    """Critic AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the critic's gradient norm (0 disables)."""
+    value_clip: float | None = 0.2
+    """Clip value updates to +-value_clip around the rollout-time values; null disables."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    warmup_steps: int = 0
+    """Optimizer steps at the start that train the critic alone (the policy is not updated)."""
+    lora_r: int = 0
+    """LoRA rank for the critic (0 trains all its weights)."""
 
 
 @dataclass
@@ -178,6 +206,8 @@ class TrainConfig:
     """Reward functions."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Advantage estimator."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    """The value model (PPO mode, advantage.name = gae)."""
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ratio_clip"})
     """``name`` of a registered objective plus its settings (see rlclip.objectives)."""
     train: TrainingConfig = field(default_factory=TrainingConfig)
@@ -286,8 +316,14 @@ def validate(config: TrainConfig) -> None:
     if rollout_size % config.train.mini_batches:
         raise ConfigError(f"train.mini_batches={config.train.mini_batches} does not divide the "
                           f"{rollout_size} completions per rollout (prompts_per_step x group_size)")
-    if config.advantage.name not in ("grpo", "dr_grpo", "rloo"):
-        raise ConfigError(f"unknown advantage.name {config.advantage.name!r}; choose grpo, dr_grpo or rloo")
+    if config.advantage.name not in ("grpo", "dr_grpo", "rloo", "gae"):
+        raise ConfigError(f"unknown advantage.name {config.advantage.name!r}; choose grpo, dr_grpo, rloo or gae")
+    if not (0 <= config.advantage.gamma <= 1 and 0 <= config.advantage.lam <= 1):
+        raise ConfigError("advantage.gamma and advantage.lam must lie in [0, 1]")
+    _positive(config.advantage.kl_in_reward, "advantage.kl_in_reward", allow_zero=True)
+    _positive(config.critic.warmup_steps, "critic.warmup_steps", allow_zero=True)
+    if config.critic.value_clip is not None:
+        _positive(config.critic.value_clip, "critic.value_clip")
     if config.train.optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"unknown train.optimizer {config.train.optimizer!r}; choose adamw or sgd")
     if config.logging.report_to not in ("none", "tensorboard", "wandb"):

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,16 @@ from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
 from rlclip.config import TrainConfig, build_objective_from_config, to_yaml
+from rlclip.critic import clipped_value_loss, completion_values, load_critic
 from rlclip.data import check_records, load_records
 from rlclip.errors import ConfigError
 from rlclip.modeling import load_model, load_model_and_tokenizer
+from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import compute_rewards, resolve_reward_func
 from rlclip.rollout import SamplingSettings, sample_completions
-from rlclip.types import PolicyBatch, RolloutBatch
-from rlclip.utils import MetricAccumulator, all_reduce, find_checkpoint, split_indices
+from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
+from rlclip.utils import MetricAccumulator, all_reduce, find_checkpoint, global_moments, split_indices
 
 
 class Trainer:
@@ -76,6 +78,7 @@ class Trainer:
         # wrapper would step it once per process) and only registered for checkpoints.
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
+        self.critic, self.critic_optimizer = self._critic()
         set_seed(config.seed, device_specific=True)  # different samples on each process
         self.step = 0
         self.rollout_index = 0
@@ -110,12 +113,27 @@ class Trainer:
 
     def _reference_model(self) -> torch.nn.Module | None:
         """A frozen copy of the initial policy, only when KL needs it and LoRA cannot provide it."""
-        if "ref" not in self.objective.needs or self.config.lora.enabled:
+        if not self.needs_reference or self.config.lora.enabled:
             return None
         cfg = self.config.model
         ref = load_model(self._base_path, cfg.dtype, cfg.gguf_file, cfg.trust_remote_code, cfg.attn_implementation)
         ref.requires_grad_(False).eval()
         return ref.to(self.accelerator.device)
+
+    def _critic(self) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
+        """PPO mode: the value model and its own optimizer (None otherwise)."""
+        if self.config.advantage.name != "gae":
+            return None, None
+        cfg = self.config.critic
+        critic = load_critic(cfg.name_or_path or self._base_path, self.config.model.dtype,
+                             self.config.model.trust_remote_code, cfg.lora_r)
+        params = [p for p in critic.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return self.accelerator.prepare(critic, optimizer)
+
+    @property
+    def needs_reference(self) -> bool:
+        return "ref" in self.objective.needs or self.config.advantage.kl_in_reward > 0
 
     def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         cfg = self.config.train
@@ -139,6 +157,7 @@ class Trainer:
             rollout = self.generate(self.next_prompts())
             rollout_metrics = self.score(rollout)
             self.record_behaviour(rollout)
+            rollout_metrics.update(self.estimate_advantages(rollout))
             rollout_metrics["time/rollout_s"] = time.perf_counter() - start
             for metrics in self.update(rollout):
                 metrics = {"step": self.step, **metrics, **rollout_metrics,
@@ -153,7 +172,10 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_model(self.output_dir)
-        acc.end_training()
+        if self.critic is not None:
+            self.save_model(self.output_dir / "critic", self.critic)
+        for tracker in acc.trackers:  # not end_training(): it would tear down the process group
+            tracker.finish()
         return history
 
     def next_prompts(self) -> list[dict[str, Any]]:
@@ -179,28 +201,45 @@ class Trainer:
         return rollout
 
     def score(self, rollout: RolloutBatch) -> dict[str, float]:
-        """Reward and advantage; returns the rollout's metrics (over all processes)."""
+        """Reward: the weighted reward functions; returns the rollout's metrics (over all processes)."""
         acc, r = self.accelerator, self.config.rollout
         ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
         rewards, reward_metrics = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
                                                   rollout.completions, rollout.columns, completion_ids=ids)
-        estimator = adv_lib.ESTIMATORS[self.config.advantage.name]
-        kwargs = {"eps": self.config.advantage.eps} if self.config.advantage.name == "grpo" else {}
-        seq_adv = estimator(rewards, r.group_size, **kwargs)  # [N]
-        rollout.rewards = rewards.to(acc.device)
-        rollout.advantages = seq_adv.to(acc.device).unsqueeze(1).expand_as(rollout.completion_ids).float()  # [N, T]
+        rollout.rewards = rewards.to(acc.device)  # [N]
         all_rewards = acc.gather(rollout.rewards)  # [N * processes]
         lengths = acc.gather(rollout.completion_mask.sum(-1).float())
         truncated = acc.gather(rollout.truncated.float())
-        group_std = all_rewards.view(-1, r.group_size).std(-1) if r.group_size > 1 else all_rewards
-        metrics = {f"{k}": all_reduce(acc, torch.tensor(v, device=acc.device), "mean").item()
+        group_std = all_rewards.view(-1, r.group_size).std(-1) if r.group_size > 1 else torch.zeros(1)
+        metrics = {k: all_reduce(acc, torch.tensor(v, device=acc.device), "mean").item()
                    for k, v in reward_metrics.items()}
         metrics.update({
-            "reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+            "reward/mean": all_rewards.mean().item(),
+            "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
             "reward/zero_std_frac": (group_std == 0).float().mean().item(),
             "completions/mean_length": lengths.mean().item(), "completions/truncated_frac": truncated.mean().item(),
         })
         return metrics
+
+    def estimate_advantages(self, rollout: RolloutBatch) -> dict[str, float]:
+        """Advantage: group baselines (grpo, dr_grpo, rloo) or GAE on the critic's values."""
+        cfg, mask = self.config.advantage, rollout.completion_mask
+        if cfg.name != "gae":
+            kwargs = {"eps": cfg.eps} if cfg.name == "grpo" else {}
+            seq_adv = adv_lib.GROUP_ESTIMATORS[cfg.name](rollout.rewards.float(), self.config.rollout.group_size,
+                                                         **kwargs)  # [N]
+            rollout.advantages = seq_adv.unsqueeze(1).expand_as(rollout.completion_ids).contiguous()  # [N, T]
+            return {}
+        kl = rollout.old_logprobs - rollout.ref_logprobs if cfg.kl_in_reward > 0 else None  # [N, T]
+        token_rewards = adv_lib.outcome_token_rewards(rollout.rewards, mask, kl, cfg.kl_in_reward)  # [N, T]
+        advantages, rollout.returns = adv_lib.gae(token_rewards, rollout.old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten:
+            advantages = adv_lib.whiten(advantages, mask, *global_moments(self.accelerator, advantages, mask))
+        rollout.advantages = advantages.float()  # [N, T]
+        ret_mean, ret_var = global_moments(self.accelerator, rollout.returns, mask)
+        _, residual_var = global_moments(self.accelerator, rollout.returns - rollout.old_values, mask)
+        return {"critic/returns_mean": float(ret_mean), "critic/returns_std": float(ret_var.sqrt()),
+                "critic/explained_variance": float(1 - residual_var / ret_var.clamp_min(1e-12))}
 
     @torch.no_grad()
     def record_behaviour(self, rollout: RolloutBatch) -> None:
@@ -208,18 +247,23 @@ class Trainer:
         cfg = self.config.train
         needs = self.objective.needs
         off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1
-        behaviour_pass = off_policy or "support" in needs
-        old, supports, ref = [], [], []
+        kl_in_reward = self.config.advantage.kl_in_reward > 0
+        behaviour_pass = off_policy or kl_in_reward or "support" in needs
+        old, supports, ref, values = [], [], [], []
         for idx in split_indices(len(rollout), cfg.micro_batch_size):
             micro = rollout.select(idx)
             if behaviour_pass:
                 stats = self._logprobs(self.model, micro, record_support="support" in needs)
                 old.append(stats["logprobs"])
                 supports.append(stats.get("old_support"))
-            if "ref" in needs:
+            if self.needs_reference:
                 ref.append(self._reference_logprobs(micro))
+            if self.critic is not None:
+                values.append(completion_values(self.critic, micro.prompt_ids, micro.prompt_mask,
+                                                micro.completion_ids, micro.completion_mask))
         # On-policy without a support, old log-probs are the current ones, detached (policy_batch).
-        rollout.old_logprobs = torch.cat(old) if off_policy else None
+        rollout.old_logprobs = torch.cat(old) if (off_policy or kl_in_reward) else None
+        rollout.old_values = torch.cat(values) if values else None
         rollout.ref_logprobs = torch.cat(ref) if ref else None
         if "support" in needs:
             rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
@@ -257,29 +301,59 @@ class Trainer:
                     return
 
     def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
-        """Objective -> backward over micro-batches -> clip -> optimizer step."""
+        """Objective (and value loss) -> backward over micro-batches -> clip -> optimizer step."""
         acc, cfg = self.accelerator, self.config.train
         mask = mini_batch.completion_mask
         counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=acc.device)
         num_tokens, num_sequences = all_reduce(acc, counts, "sum")
-        metrics = MetricAccumulator()
+        train_policy = self.critic is None or self.step >= self.config.critic.warmup_steps
+        policy_metrics, critic_metrics = MetricAccumulator(), MetricAccumulator("critic", "critic/value_loss")
         chunks = split_indices(len(mini_batch), cfg.micro_batch_size)
         for i, idx in enumerate(chunks):
             micro = mini_batch.select(idx)
-            sync = nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model)
-            with sync:
-                out = self.objective(self.policy_batch(micro, num_tokens, num_sequences))
-                # DDP averages gradients over processes; the loss is already a global mean.
-                acc.backward(out.loss * acc.num_processes)
-            metrics.add(out, weight=float(micro.completion_mask.sum()))
-        grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            weight = float(micro.completion_mask.sum())
+            with self._no_sync(last=i == len(chunks) - 1):
+                # DDP averages gradients over processes; each loss is already a share of the global mean.
+                if train_policy:
+                    out = self.objective(self.policy_batch(micro, num_tokens, num_sequences))
+                    acc.backward(out.loss * acc.num_processes)
+                    policy_metrics.add(out, weight)
+                if self.critic is not None:
+                    value_out = self.value_loss(micro, num_tokens)
+                    acc.backward(value_out.loss * self.config.critic.vf_coef * acc.num_processes)
+                    critic_metrics.add(value_out, weight)
+        result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)
+        if train_policy:
+            result["optim/grad_norm"] = self._clip_gradients(self.model, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.critic is not None:
+            result["critic/grad_norm"] = self._clip_gradients(self.critic, self.config.critic.max_grad_norm)
+            self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        result = metrics.reduce(acc)
-        result.update({"optim/lr": self.scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm})
+        result["optim/lr"] = self.scheduler.get_last_lr()[0]
         return result
+
+    def _no_sync(self, last: bool) -> ExitStack:
+        """Skip DDP's gradient all-reduce on all but the last micro-batch (policy and critic)."""
+        stack = ExitStack()
+        if not last:
+            for model in (self.model, self.critic):
+                if model is not None:
+                    stack.enter_context(self.accelerator.no_sync(model))
+        return stack
+
+    def value_loss(self, micro: RolloutBatch, num_tokens: Tensor) -> ObjectiveOutput:
+        """Clipped value loss, token mean over the global token count."""
+        values = completion_values(self.critic, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                                   micro.completion_mask)  # [b, T]
+        per_token, clipped = clipped_value_loss(values, micro.old_values, micro.returns, self.config.critic.value_clip)
+        mask = micro.completion_mask.to(values.dtype)
+        return ObjectiveOutput(loss=aggregate(per_token, mask, "token_mean", num_tokens),
+                               metrics={"value_clip_frac": masked_mean(clipped.to(values.dtype), mask),
+                                        "values_mean": masked_mean(values.detach(), mask)})
 
     def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor, num_sequences: Tensor) -> PolicyBatch:
         """One forward pass: what the objective declared it needs, and nothing else."""
@@ -295,9 +369,8 @@ class Trainer:
             num_tokens=num_tokens, num_sequences=num_sequences,
         )
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.config.train.max_grad_norm
+    def _clip_gradients(self, model: torch.nn.Module, max_norm: float) -> float:
+        params = [p for p in model.parameters() if p.requires_grad]
         if max_norm > 0:
             return float(self.accelerator.clip_grad_norm_(params, max_norm))
         grads = [p.grad.detach().norm() for p in params if p.grad is not None]
@@ -319,12 +392,13 @@ class Trainer:
         if self.config.logging.report_to != "none":
             self.accelerator.init_trackers(self.config.logging.run_name, config=_flat_scalars(self.config))
 
-    def save_model(self, directory: Path) -> None:
+    def save_model(self, directory: Path, model: torch.nn.Module | None = None) -> None:
         """``save_pretrained`` (safetensors) of the policy (the adapter alone with LoRA) and tokenizer."""
         acc = self.accelerator
+        model = model if model is not None else self.model
         acc.wait_for_everyone()
-        state_dict = acc.get_state_dict(self.model)
-        acc.unwrap_model(self.model).save_pretrained(directory, is_main_process=acc.is_main_process,
+        state_dict = acc.get_state_dict(model)
+        acc.unwrap_model(model).save_pretrained(directory, is_main_process=acc.is_main_process,
                                                      state_dict=state_dict, safe_serialization=True,
                                                      save_function=acc.save)
         if acc.is_main_process:

@@ -80,6 +80,10 @@ class RolloutBatch:
     """``[B, T]`` behaviour-policy log-probs of the completion tokens."""
     ref_logprobs: Tensor | None = None
     """``[B, T]`` reference-model log-probs, when KL needs them."""
+    old_values: Tensor | None = None
+    """``[B, T]`` critic values at rollout time (PPO mode)."""
+    returns: Tensor | None = None
+    """``[B, T]`` value targets (PPO mode)."""
     old_support: dict[str, Tensor] | None = None
     """Old policy's sparse top set per token (``indices``, ``logprobs``, ``mask``)."""
 

@@ -31,20 +31,34 @@ def all_reduce(accelerator: Accelerator, tensor: Tensor, op: str) -> Tensor:
     return tensor
 
 
+def global_moments(accelerator: Accelerator, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance of the counted ``values`` over all processes."""
+    mask = mask.to(torch.float64)
+    v = values.detach().to(torch.float64)
+    sums = torch.stack([mask.sum(), (v * mask).sum(), (v.square() * mask).sum()])
+    count, total, total_sq = all_reduce(accelerator, sums, "sum")
+    count = count.clamp_min(1)
+    mean = total / count
+    return mean, (total_sq / count - mean.square()).clamp_min(0)
+
+
 class MetricAccumulator:
-    """Token-weighted means of objective metrics over micro-batches and processes.
+    """Token-weighted means of metrics over micro-batches and processes, under ``prefix/``.
 
     Keys ending in ``_min`` / ``_max`` are reduced with min / max instead.
-    The loss is summed: each micro-batch loss is already a share of the global mean.
+    The loss is summed: each micro-batch loss is already a share of the global
+    mean; it is reported as ``loss_key``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "objective", loss_key: str = "loss") -> None:
+        self.prefix, self.loss_key = prefix, loss_key
         self.loss = 0.0
         self.weight = 0.0
         self.sums: dict[str, float] = {}
         self.extremes: dict[str, float] = {}
 
     def add(self, out: ObjectiveOutput, weight: float) -> None:
+        """Add one micro-batch's output, its metrics weighted by its token count."""
         self.loss += float(out.loss.detach())
         self.weight += weight
         for key, value in out.metrics.items():
@@ -63,12 +77,12 @@ class MetricAccumulator:
                             device=device)
         sums = all_reduce(accelerator, sums, "sum")
         weight = max(float(sums[1]), 1.0)
-        out = {"loss": float(sums[0])}
-        out.update({f"objective/{k}": float(v) / weight for k, v in zip(keys, sums[2:])})
+        out = {self.loss_key: float(sums[0])}
+        out.update({f"{self.prefix}/{k}": float(v) / weight for k, v in zip(keys, sums[2:])})
         for key in sorted(self.extremes):
             op = "min" if key.endswith("_min") else "max"
             value = all_reduce(accelerator, torch.tensor(self.extremes[key], dtype=torch.float64, device=device), op)
-            out[f"objective/{key}"] = float(value)
+            out[f"{self.prefix}/{key}"] = float(value)
         return out
 
 

@@ -3,12 +3,14 @@
 micro-batch 4 x accumulation 1 == micro-batch 1 x accumulation 4 == 2 processes x
 micro-batch 2, to 1e-6 in every parameter (plain SGD, no clipping, so any error
 in the loss normalisation shows up in the update). The 2-process run goes
-through ``accelerate launch --multi_gpu`` on CPU (gloo), then trains two steps.
+through ``accelerate launch --multi_gpu`` on CPU (gloo), then trains two steps in
+GRPO mode and two in PPO mode (critic, GAE with globally whitened advantages).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,4 +71,5 @@ def test_two_process_invariance_and_training(results):
     assert res["micro4"]["metrics"]["loss"] == pytest.approx(res["dist2"]["metrics"]["loss"], abs=1e-6)
     assert res["micro4"]["metrics"]["objective/clip_frac_low"] > 0 or res["micro4"]["metrics"]["objective/clip_frac_high"] > 0
     run_info = json.loads((tmp / "dist2.json").read_text())
-    assert run_info == {"world_size": 2, "steps": [1, 2]}
+    assert run_info["world_size"] == 2 and run_info["grpo"] == [1, 2] and run_info["ppo"] == [1, 2]
+    assert math.isfinite(run_info["ppo_explained_variance"])

@@ -2,8 +2,8 @@
 
 Usage: python one_step.py OUT.pt MICRO_BATCH_SIZE [train]
 Each process takes its contiguous share of the same 4 sequences; rank 0 saves
-the parameters after the step. With ``train`` it then also runs two normal
-training steps and records the world size (the 2-process smoke run).
+the parameters after the step. With ``train`` it then also trains two steps in
+GRPO mode and two in PPO mode and records the world size (the 2-process runs).
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def main() -> None:
         params = {n: p.detach().cpu() for n, p in acc.unwrap_model(trainer.model).named_parameters()}
         torch.save({"params": params, "metrics": metrics}, out)
     if len(sys.argv) > 3:
-        cfg = tiny_config(tmp / "run", "max_steps=2")
-        history = Trainer(cfg).train()
+        runs = {}
+        for mode, extra in (("grpo", []), ("ppo", ["advantage.name=gae", "critic.learning_rate=1e-3"])):
+            history = Trainer(tiny_config(tmp / mode, "max_steps=2", *extra)).train()
+            runs[mode] = [h["step"] for h in history]
+            if mode == "ppo":
+                runs["ppo_explained_variance"] = history[-1]["critic/explained_variance"]
         if acc.is_main_process:
-            Path(out).with_suffix(".json").write_text(json.dumps(
-                {"world_size": acc.num_processes, "steps": [h["step"] for h in history]}))
+            Path(out).with_suffix(".json").write_text(json.dumps({"world_size": acc.num_processes, **runs}))
 
 
 if __name__ == "__main__":

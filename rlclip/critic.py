@@ -1,0 +1,74 @@
+"""PPO mode's critic: a value model, its clipped loss and explained variance.
+
+The critic is the policy's architecture with a scalar head
+(``AutoModelForTokenClassification`` with one label), initialised from the
+policy checkpoint or a reward model. Objectives never see it: they get
+advantages only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rlclip.errors import ConfigError
+from rlclip.modeling import DTYPES
+from rlclip.objectives.base import masked_mean
+from rlclip.policy import position_ids_from_mask
+
+
+def load_critic(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                lora_r: int = 0, lora_alpha: int = 32) -> nn.Module:
+    """A one-output token-classification model; its head is new unless the checkpoint has one."""
+    from transformers import AutoModelForTokenClassification
+
+    try:
+        critic = AutoModelForTokenClassification.from_pretrained(
+            name_or_path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load critic from {name_or_path!r}: {str(err).splitlines()[0]}; "
+                          "set critic.name_or_path to a causal LM or reward model directory") from None
+    if critic.config.pad_token_id is None:
+        critic.config.pad_token_id = critic.config.eos_token_id
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        # TOKEN_CLS keeps the value head fully trainable (modules_to_save).
+        critic = get_peft_model(critic, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear",
+                                                   task_type="TOKEN_CLS"))
+    return critic
+
+
+def completion_values(critic: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                      completion_mask: Tensor) -> Tensor:
+    """V(s_t) ``[B, T]``: the value at the position that emits completion token t."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
+    out = critic(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    start = prompt_ids.shape[1] - 1
+    return out.logits[:, start:start + completion_ids.shape[1], 0].float()  # [B, T]
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
+                       value_clip: float | None) -> tuple[Tensor, Tensor]:
+    """Per-token PPO value loss 0.5 * max((V - R)^2, (V_clip - R)^2).
+
+    V_clip = V_old + clamp(V - V_old, -value_clip, value_clip); no clipping when
+    ``value_clip`` is None. Returns the loss ``[B, T]`` and where the clipped
+    branch is the larger one (it then carries the gradient, which is zero).
+    """
+    plain = (values - returns).square()  # [B, T]
+    if value_clip is None:
+        return 0.5 * plain, torch.zeros_like(plain, dtype=torch.bool)
+    clipped_values = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    clipped = (clipped_values - returns).square()  # [B, T]
+    return 0.5 * torch.maximum(plain, clipped), clipped > plain
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[R - V] / Var[R] over counted tokens (1: perfect, 0: no better than a constant)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
+    return 1 - var_residual / var_returns.clamp_min(1e-12)
