@@ -259,6 +259,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_omegaconf_message(err)}") from None
+    except TypeError as err:  # e.g. a dotted override into a list element
+        raise ConfigError(f"invalid config override ({err}); edit lists such as reward.funcs in the YAML "
+                          "or replace them whole: --reward.funcs='[{name: correctness}]'") from None
     import_user_modules(config.imports)
     if config.objective.get("name") != recipe_objective.get("name"):
         config.objective = _switch_objective(recipe_objective, config.objective, overrides)

@@ -38,6 +38,7 @@ def assert_one_line_error(proc, *needles):
     (["--data.limit", "0"], ["is empty"]),
     (["--train.mini_batches", "3"], ["mini_batches=3 does not divide"]),
     (["--max_steps"], ["has no value"]),
+    (["--reward.funcs.0.weight", "0"], ["invalid config override", "reward.funcs"]),
 ])
 def test_config_errors(tmp_path, overrides, needles):
     proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}", *overrides)
