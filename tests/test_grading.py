@@ -56,6 +56,10 @@ NUMERIC_CASES = [
     ("", "18", "gsm8k", False),
     ("The answer is 20:13", "20", "asdiv", False),
     ("The answer is 18, not 19.", "19", "gsm8k", False),
+    ("The answer is 18, since 9 * 2 = 18.", "18", "gsm8k", True),
+    ("The answer is 60; 72", "60 (beanie babies)", "asdiv", False),
+    ("\\boxed{18, 19}", "18", "gsm8k", False),
+    ("\\boxed{1,000}", "1000", "gsm8k", True),
 ]
 
 ASDIV_CASES = [

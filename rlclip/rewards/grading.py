@@ -374,6 +374,13 @@ def _match_numbers(span: str, gold: GoldAnswer) -> bool:
     return len(pred) == len(expected) and all(numbers_match(p, g) for p, g in zip(pred, expected))
 
 
+def _is_number_list(span: str) -> bool:
+    """Whether ``span`` is nothing but two or more numbers separated by ``;`` or ``, ``."""
+    bare = _normalize_numeric_text(_UNIT_PARENS_RE.sub(" ", span), keep_equals=True)
+    item = rf"-?\s*(?:{_NUMBER})(?:\s*[A-Za-z%]+)*"
+    return re.fullmatch(rf"\s*{item}(?:\s*(?:;|,\s|\band\b)\s*{item})+\s*", bare) is not None
+
+
 def _numeric_span(text: str) -> tuple[str | None, bool]:
     """(answer span, whether it came from an explicit marker: ####, \\boxed or "answer is")."""
     for finder in (_hashes_span, last_boxed, answer_is_span):
@@ -397,6 +404,8 @@ def grade_numeric(completion: str, gold: str) -> bool:
     if not span:
         return False
     if target.kind == "number":
+        if _is_number_list(span):  # "60; 72" hedges between answers
+            return False
         number = parse_number(span)
         return number is not None and numbers_match(number, target.values[0])
     if target.kind == "numbers":
