@@ -191,11 +191,14 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         per_rollout = cfg.rollout.prompts_per_step * acc.num_processes
         start = self.rollout_index * per_rollout + acc.process_index * cfg.rollout.prompts_per_step
+        orders: dict[int, Tensor] = {}  # one shuffle per epoch; a rollout spans at most a few
         picked = []
         for position in range(start, start + cfg.rollout.prompts_per_step):
             epoch, offset = divmod(position, len(self.records))
-            order = torch.randperm(len(self.records), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            picked.append(self.records[int(order[offset])])
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(len(self.records),
+                                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            picked.append(self.records[int(orders[epoch][offset])])
         return picked
 
     def generate(self, records: list[dict[str, Any]]) -> RolloutBatch:
