@@ -118,3 +118,12 @@ def test_each_objective_trains_three_steps_with_mu2(tmp_path, objective, metric)
     history = Trainer(cfg).train()
     assert len(history) == 3
     assert metric in history[-1] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_builtin_reward_missing_its_column_is_a_reward_error(tmp_path):
+    from rlclip.errors import RewardError
+
+    cfg = tiny_config(tmp_path, "max_steps=1", "reward.funcs=[{name: correctness}]")
+    data = [{"prompt": "1 + 1 =", "suite": "gsm8k"}] * 4
+    with pytest.raises(RewardError, match="correctness_reward.*answer"):
+        Trainer(cfg, train_dataset=data).train()

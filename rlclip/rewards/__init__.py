@@ -19,17 +19,12 @@ from torch import Tensor
 
 from rlclip.errors import ConfigError, RewardError
 from rlclip.rewards.grading import extract_answer, grade
+from rlclip.rewards.math_rewards import completion_text, correctness_reward, format_reward
 
-__all__ = ["BUILTIN", "compute_rewards", "extract_answer", "grade", "resolve_reward_func", "target_token_reward"]
+__all__ = ["BUILTIN", "completion_text", "compute_rewards", "correctness_reward", "extract_answer", "format_reward",
+           "grade", "resolve_reward_func", "target_token_reward"]
 
 RewardFunc = Callable[..., Sequence[float | None]]
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion given as a string or as a list of chat messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
 
 
 def target_token_reward(prompts: list[Any], completions: list[Any], token: str = "7", **_: Any) -> list[float]:
@@ -38,22 +33,10 @@ def target_token_reward(prompts: list[Any], completions: list[Any], token: str =
     return [t.count(token) * len(token) / len(t) if t else 0.0 for t in texts]
 
 
-def _correctness(*args: Any, **kwargs: Any) -> list[float | None]:
-    from rlclip.rewards.math_rewards import correctness_reward
-
-    return correctness_reward(*args, **kwargs)
-
-
-def _format(*args: Any, **kwargs: Any) -> list[float | None]:
-    from rlclip.rewards.math_rewards import format_reward
-
-    return format_reward(*args, **kwargs)
-
-
 BUILTIN: dict[str, RewardFunc] = {
     "target_token": target_token_reward,
-    "correctness": _correctness,
-    "format": _format,
+    "correctness": correctness_reward,
+    "format": format_reward,
 }
 
 
@@ -125,7 +108,11 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
         name = reward_name(func)
         kwargs = {"prompts": prompts, "completions": completions, **columns, **extra}
         _check_signature(func, name, kwargs, columns)
-        values = torch.tensor(_checked(name, func(**kwargs), n), dtype=torch.float32)  # [N]
+        try:
+            raw = func(**kwargs)
+        except ValueError as err:  # a reward function refusing its input names the problem itself
+            raise RewardError(f"reward function {name!r} failed: {err}") from None
+        values = torch.tensor(_checked(name, raw, n), dtype=torch.float32)  # [N]
         per_func.append(values)
         metrics[f"reward/{name}/mean"] = float(values.nanmean()) if not values.isnan().all() else math.nan
     stacked = torch.stack(per_func, dim=1) * torch.tensor(weights, dtype=torch.float32)  # [N, F]
