@@ -127,3 +127,8 @@ def test_builtin_reward_missing_its_column_is_a_reward_error(tmp_path):
     data = [{"prompt": "1 + 1 =", "suite": "gsm8k"}] * 4
     with pytest.raises(RewardError, match="correctness_reward.*answer"):
         Trainer(cfg, train_dataset=data).train()
+
+
+def test_tensorboard_tracker_writes_events(tmp_path):
+    Trainer(tiny_config(tmp_path, "max_steps=1", "logging.report_to=tensorboard")).train()
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
