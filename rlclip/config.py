@@ -323,6 +323,13 @@ def validate(config: TrainConfig) -> None:
                           f"{rollout_size} completions per rollout (prompts_per_step x group_size)")
     if config.advantage.name not in ("grpo", "dr_grpo", "rloo", "gae"):
         raise ConfigError(f"unknown advantage.name {config.advantage.name!r}; choose grpo, dr_grpo, rloo or gae")
+    if config.advantage.name != "gae" and config.rollout.group_size < 2:
+        raise ConfigError(f"advantage.name={config.advantage.name} needs rollout.group_size >= 2 (a group "
+                          "baseline of one sample is undefined); raise group_size or use advantage.name=gae")
+    if not 0 < config.rollout.top_p <= 1 or config.rollout.top_k < 0:
+        raise ConfigError("rollout.top_p must lie in (0, 1] and rollout.top_k must be >= 0 (0 disables)")
+    _positive(config.critic.vf_coef, "critic.vf_coef", allow_zero=True)
+    _positive(config.critic.max_grad_norm, "critic.max_grad_norm", allow_zero=True)
     if not (0 <= config.advantage.gamma <= 1 and 0 <= config.advantage.lam <= 1):
         raise ConfigError("advantage.gamma and advantage.lam must lie in [0, 1]")
     _positive(config.advantage.kl_in_reward, "advantage.kl_in_reward", allow_zero=True)

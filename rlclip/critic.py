@@ -33,9 +33,11 @@ def load_critic(name_or_path: str, dtype: str = "float32", trust_remote_code: bo
     if lora_r:
         from peft import LoraConfig, get_peft_model
 
-        # TOKEN_CLS keeps the value head fully trainable (modules_to_save).
-        critic = get_peft_model(critic, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear",
-                                                   task_type="TOKEN_CLS"))
+        # Adapters on the body's linear layers; the new value head is trained in full (modules_to_save).
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in critic.named_modules()
+                          if isinstance(module, nn.Linear) and ".layers." in name})
+        critic = get_peft_model(critic, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets,
+                                                   modules_to_save=["score"], task_type="TOKEN_CLS"))
     return critic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -89,7 +90,10 @@ class MetricAccumulator:
 def find_checkpoint(output_dir: Path, target: str) -> Path:
     """``latest`` -> the highest ``checkpoint-N`` in ``output_dir``; else the given path."""
     if target == "latest":
-        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        # only complete checkpoints: trainer_state.json is written last
+        found = sorted((p for p in output_dir.glob("checkpoint-*")
+                        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()),
+                       key=lambda p: int(p.name.split("-")[-1]))
         if not found:
             raise ConfigError(f"resume_from_checkpoint=latest but {output_dir} has no checkpoint-N directory; "
                               "train once with save_steps > 0 or pass a checkpoint path")

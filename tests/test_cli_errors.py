@@ -39,6 +39,8 @@ def assert_one_line_error(proc, *needles):
     (["--train.mini_batches", "3"], ["mini_batches=3 does not divide"]),
     (["--max_steps"], ["has no value"]),
     (["--reward.funcs.0.weight", "0"], ["invalid config override", "reward.funcs"]),
+    (["--rollout.group_size", "1", "--train.mini_batches", "1"], ["group_size >= 2"]),
+    (["--rollout.top_p", "1.5"], ["top_p"]),
 ])
 def test_config_errors(tmp_path, overrides, needles):
     proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}", *overrides)

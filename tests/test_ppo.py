@@ -122,3 +122,13 @@ def test_value_loss_falls_and_explained_variance_rises(tmp_path):
     first, last = history[:10], history[-10:]
     assert mean("critic/value_loss", last) < 0.85 * mean("critic/value_loss", first)
     assert mean("critic/explained_variance", last) > max(0.1, mean("critic/explained_variance", first) + 0.1)
+
+
+def test_lora_critic_trains_adapters_and_value_head(tmp_path):
+    cfg = tiny_config(tmp_path, "advantage.name=gae", "critic.lora_r=4", "max_steps=2", "critic.learning_rate=1e-2")
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.critic.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.critic.named_parameters() if not torch.equal(before[n], p)}
+    assert any("lora_" in n for n in changed) and any("score" in n for n in changed)
+    assert all("lora_" in n or "score" in n for n in changed)

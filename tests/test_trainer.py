@@ -78,6 +78,8 @@ def test_no_reference_model_without_kl(tmp_path):
 def test_resume_from_latest_checkpoint(tmp_path):
     Trainer(tiny_config(tmp_path, "max_steps=4", "save_steps=4")).train()
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
+    (tmp_path / "checkpoint-final").mkdir()  # not a checkpoint: ignored
+    (tmp_path / "checkpoint-99").mkdir()  # incomplete (no trainer_state.json): ignored
     resumed = Trainer(tiny_config(tmp_path, "max_steps=8", "resume_from_checkpoint=latest"))
     history = resumed.train()
     assert [h["step"] for h in history] == [5, 6, 7, 8]
