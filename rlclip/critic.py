@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from rlclip.errors import ConfigError
 from rlclip.modeling import DTYPES
-from rlclip.objectives.base import masked_mean
 from rlclip.policy import position_ids_from_mask
 
 
@@ -68,9 +67,9 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
     return 0.5 * torch.maximum(plain, clipped), clipped > plain
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var[R - V] / Var[R] over counted tokens (1: perfect, 0: no better than a constant)."""
-    var_returns = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
-    residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
-    return 1 - var_residual / var_returns.clamp_min(1e-12)
+def explained_variance(returns_var: Tensor, residual_var: Tensor) -> Tensor:
+    """1 - Var[R - V] / Var[R] (1: perfect, 0: no better than a constant).
+
+    Takes the variances so the caller can pass global ones (``utils.global_moments``).
+    """
+    return 1 - residual_var / returns_var.clamp_min(1e-12)

@@ -29,7 +29,7 @@ from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
 from rlclip.config import TrainConfig, build_objective_from_config, to_yaml
-from rlclip.critic import clipped_value_loss, completion_values, load_critic
+from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
 from rlclip.errors import ConfigError
 from rlclip.modeling import load_model, load_model_and_tokenizer
@@ -250,7 +250,7 @@ class Trainer:
         ret_mean, ret_var = global_moments(self.accelerator, rollout.returns, mask)
         _, residual_var = global_moments(self.accelerator, rollout.returns - rollout.old_values, mask)
         return {"critic/returns_mean": float(ret_mean), "critic/returns_std": float(ret_var.sqrt()),
-                "critic/explained_variance": float(1 - residual_var / ret_var.clamp_min(1e-12))}
+                "critic/explained_variance": float(explained_variance(ret_var, residual_var))}
 
     @torch.no_grad()
     def record_behaviour(self, rollout: RolloutBatch) -> None:

@@ -76,10 +76,20 @@ def test_clipped_value_loss_hand_computed():
     torch.testing.assert_close(plain, 0.5 * (values - 1) ** 2)
 
 
-def test_explained_variance():
-    ret, m = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.ones(1, 4)
-    assert explained_variance(ret, ret, m).item() == pytest.approx(1.0)
-    assert explained_variance(torch.full((1, 4), 2.5), ret, m).item() == pytest.approx(0.0)
+def test_explained_variance_over_global_moments():
+    from accelerate import Accelerator
+
+    from rlclip.utils import global_moments
+
+    acc = Accelerator(cpu=True)
+    ret, m = torch.tensor([[1.0, 2.0, 3.0, 4.0, 99.0]]), torch.tensor([[1, 1, 1, 1, 0]])
+
+    def ev(values):
+        return explained_variance(global_moments(acc, ret, m)[1], global_moments(acc, ret - values, m)[1]).item()
+
+    assert ev(ret) == pytest.approx(1.0)
+    assert ev(torch.full((1, 5), 2.5)) == pytest.approx(0.0)  # a constant predicts nothing
+    assert ev(torch.tensor([[2.0, 1.0, 4.0, 3.0, 0.0]])) == pytest.approx(1 - 1.0 / 1.25)  # Var[R-V] = 1, Var[R] = 1.25
 
 
 @pytest.mark.parametrize("objective", [n for n in available_objectives() if not n.startswith("test_")])
