@@ -4,7 +4,20 @@
 >>> obj = build_objective("ratio_clip", eps_low=0.2, eps_high=0.28)
 """
 
-from rlclip.objectives import archer, pspo, ratio_clip, troll  # noqa: F401  (registers the shipped objectives)
+from rlclip.objectives import (  # noqa: F401  (registers the shipped objectives)
+    archer,
+    cispo,
+    clip_cov,
+    gmpo,
+    gpg,
+    kl_cov,
+    luspo,
+    pspo,
+    ratio_clip,
+    sapo,
+    troll,
+    vespo,
+)
 from rlclip.objectives.base import (
     AGG_MODES,
     KL_ESTIMATORS,

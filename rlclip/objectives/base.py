@@ -10,6 +10,8 @@ surrogate (as verl's ``agg_loss``, unlike TRL's ``loss_type``).
 from __future__ import annotations
 
 import abc
+import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable
@@ -18,12 +20,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from rlclip.errors import ConfigError
+from rlclip.errors import ConfigError, ObjectiveError
 from rlclip.types import ObjectiveOutput, PolicyBatch
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 NEEDS = frozenset({"entropy", "ref", "support"})
+STEP_NEEDS = frozenset({"entropy", "logprobs"})
 LOG_RATIO_CLAMP = 20.0
 
 _REGISTRY: dict[str, type[Objective]] = {}
@@ -99,6 +102,66 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     raise ConfigError(f"unknown kl_estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
 
 
+class Reducer:
+    """Reductions across the processes of one optimizer step; this one is the identity (one process).
+
+    The trainer passes a distributed subclass to :meth:`Objective.step_statistics`.
+    """
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Element-wise sum over processes."""
+        return tensor
+
+    def max(self, tensor: Tensor) -> Tensor:
+        """Element-wise maximum over processes."""
+        return tensor
+
+    def min(self, tensor: Tensor) -> Tensor:
+        """Element-wise minimum over processes."""
+        return tensor
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        """1-D tensors of any length from every process, concatenated in rank order."""
+        return tensor
+
+
+def linear_quantile(values: Tensor, q: float) -> Tensor | None:
+    """The q-quantile of a 1-D tensor with linear interpolation (as ``torch.quantile``); None when empty.
+
+    With n values sorted ascending as v: p = q (n - 1), lerp(v[floor p], v[ceil p], p - floor p).
+    Unlike ``torch.quantile`` it has no input-size limit.
+    """
+    n = values.numel()
+    if n == 0:
+        return None
+    ordered = values.sort().values
+    pos = q * (n - 1)
+    below, above = int(pos), min(int(pos) + 1, n - 1)
+    return torch.lerp(ordered[below], ordered[above], ordered.new_tensor(pos - int(pos)))
+
+
+def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict[str, Tensor]]:
+    """Wrap a subclass's ``step_statistics`` so that the base class's token filters get theirs too.
+
+    The subclass sees the batch with ``mask_truncated`` applied to its mask (its counts then match
+    the tokens that train); the filters' statistics are added unless a ``super()`` call already did.
+    """
+
+    @functools.wraps(fn)
+    def step_statistics(self: Objective, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
+        batch = self.count_masked(batch)
+        stats = dict(fn(self, batch, reduce))
+        if ENTROPY_KEEP not in stats:
+            stats.update(self.filter_statistics(batch, reduce))
+        return stats
+
+    step_statistics._with_filters = True  # type: ignore[attr-defined]
+    return step_statistics
+
+
+ENTROPY_KEEP = "filter_entropy_keep"
+
+
 class Objective(abc.ABC):
     """Base class of every surrogate objective.
 
@@ -113,28 +176,156 @@ class Objective(abc.ABC):
         kl_coef: weight of the KL penalty to the reference model; 0 loads no
             reference model.
         kl_estimator: ``k1``, ``k2`` or ``k3``.
+        entropy_top_quantile: token filter ("Beyond the 80/20 rule", arXiv
+            2506.01939; TRL's ``top_entropy_quantile``): only the fraction
+            rho of counted tokens with the highest entropy train. The
+            threshold is the (1 - rho)-quantile (linear interpolation, as
+            ``torch.quantile``) of the entropy over all counted tokens of the
+            optimizer step, across processes (a step statistic); tokens with
+            entropy >= threshold are kept. None or 1.0: off; the paper uses 0.2.
+        off_policy_mask: token filter (TRL's ``off_policy_mask_threshold``,
+            DeepSeek-V3.2, arXiv 2512.02556, eq. 9): a token with advantage
+            A < 0 in a sequence whose mean KL(old || new) estimate,
+            mean_t(old_logprobs - logprobs), exceeds this threshold does not
+            train. None: off.
+        mask_truncated: token filter (DAPO, arXiv 2503.14476; TRL's
+            ``mask_truncated_completions``): completions that hit the length
+            limit (``PolicyBatch.truncated``) neither train nor count in the
+            token-mean denominator (see :meth:`count_mask`).
+
+    The entropy and off-policy filters multiply the per-token loss (the
+    denominator keeps counting the filtered tokens, as TRL); the KL penalty
+    to the reference is not filtered by them (as TRL). ``mask_truncated``
+    removes the completions from the mask itself. The metric ``kept_frac`` is
+    the fraction of completion tokens that train when any filter is on.
     """
 
     name: ClassVar[str] = ""
     needs: frozenset[str] = frozenset()
+    step_needs: frozenset[str] = frozenset()
+    """Inputs of :meth:`step_statistics` ("entropy", "logprobs"); empty: the objective has no step statistics."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("step_statistics")
+        if own is not None and not getattr(own, "_with_filters", False):
+            cls.step_statistics = _with_filter_statistics(own)  # type: ignore[method-assign]
 
     def __init__(self, *, agg: str = "token_mean", agg_norm_len: int | None = None,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3") -> None:
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_top_quantile: float | None = None,
+                 off_policy_mask: float | None = None, mask_truncated: bool = False) -> None:
         if agg not in AGG_MODES:
             raise ConfigError(f"unknown aggregation agg={agg!r}; choose one of {', '.join(AGG_MODES)}")
         if kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"unknown kl_estimator {kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
         if kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {kl_coef}")
+        if entropy_top_quantile is not None and not 0.0 <= entropy_top_quantile <= 1.0:
+            raise ConfigError(f"entropy_top_quantile must be in [0, 1] (or null to disable), got {entropy_top_quantile}")
+        if off_policy_mask is not None and not off_policy_mask >= 0:
+            raise ConfigError(f"off_policy_mask must be >= 0 (or null to disable), got {off_policy_mask}")
         self.agg = agg
         self.agg_norm_len = agg_norm_len
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
+        self.entropy_top_quantile = None if entropy_top_quantile in (None, 1.0) else float(entropy_top_quantile)
+        self.off_policy_mask = None if off_policy_mask is None else float(off_policy_mask)
+        self.mask_truncated = bool(mask_truncated)
         self.needs = frozenset(type(self).needs) | ({"ref"} if self.kl_coef > 0 else frozenset())
+        if self.entropy_top_quantile is not None:
+            self.needs = self.needs | {"entropy"}
+        self.step_needs = type(self).step_needs  # the filters' needs are added in __setattr__
         unknown = self.needs - NEEDS
         if unknown:
             raise ConfigError(f"{type(self).__name__}.needs has unknown entries {sorted(unknown)}; "
                               f"use a subset of {sorted(NEEDS)}")
+        unknown = frozenset(self.step_needs) - STEP_NEEDS
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}.step_needs has unknown entries {sorted(unknown)}; "
+                              f"use a subset of {sorted(STEP_NEEDS)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "step_needs":  # a subclass may reset step_needs; the token filters' needs stay
+            value = frozenset(value) | self._filter_step_needs()
+        super().__setattr__(name, value)
+
+    def _filter_step_needs(self) -> frozenset[str]:
+        return frozenset({"entropy"}) if getattr(self, "entropy_top_quantile", None) is not None else frozenset()
+
+    def count_mask(self, mask: Tensor, truncated: Tensor | None) -> Tensor:
+        """The completion mask ``[B, T]`` with the tokens that leave the loss *and* its denominators removed.
+
+        With ``mask_truncated`` the rows of truncated completions (``truncated [B]`` bool) are zeroed,
+        as TRL's ``mask_truncated_completions``; otherwise ``mask`` itself. The trainer computes the
+        step's global token and sequence counts from this mask.
+        """
+        if not self.mask_truncated:
+            return mask
+        if truncated is None:
+            raise ValueError(f"objective {self.name or type(self).__name__!r} with mask_truncated needs "
+                             "PolicyBatch.truncated")
+        return mask * (~truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [B, T]
+
+    def count_masked(self, batch: PolicyBatch) -> PolicyBatch:
+        """``batch`` with its mask replaced by :meth:`count_mask` (the same batch when nothing changes)."""
+        if not self.mask_truncated:
+            return batch
+        return dataclasses.replace(batch, mask=self.count_mask(batch.mask, batch.truncated))
+
+    def filter_statistics(self, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
+        """Step statistics of the token filters: the entropy threshold and keep mask of ``entropy_top_quantile``."""
+        if self.entropy_top_quantile is None:
+            return {}
+        if batch.entropy is None:
+            raise ValueError(f"objective {self.name or type(self).__name__!r} with entropy_top_quantile needs "
+                             "PolicyBatch.entropy")
+        entropy, counted = batch.entropy.detach(), batch.mask.bool()  # [B, T]
+        pooled = reduce.cat(entropy[counted])  # [n_step] over all processes
+        threshold = linear_quantile(pooled, 1.0 - self.entropy_top_quantile)
+        if threshold is None:  # no counted token anywhere: nothing trains
+            return {ENTROPY_KEEP: torch.zeros_like(counted), "filter_entropy_threshold": entropy.new_zeros(())}
+        return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold}
+
+    def token_filter(self, batch: PolicyBatch) -> tuple[Tensor | None, dict[str, Any]]:
+        """The entropy and off-policy filters as a ``[B, T]`` multiplier of the per-token loss (None: off).
+
+        ``batch`` already has :meth:`count_mask` applied and carries the step statistics.
+        """
+        keep = None
+        metrics: dict[str, Any] = {}
+        if self.entropy_top_quantile is not None:
+            stats = batch.step_stats or {}
+            if ENTROPY_KEEP not in stats:
+                stats = self.filter_statistics(_detached(batch), Reducer())
+            keep = stats[ENTROPY_KEEP].to(batch.logprobs.dtype)
+            metrics["entropy_threshold"] = stats["filter_entropy_threshold"]
+        if self.off_policy_mask is not None:
+            mask = batch.mask.to(batch.logprobs.dtype)
+            kl = torch.nan_to_num(batch.old_logprobs - batch.logprobs.detach(), nan=0.0)  # [B, T]
+            seq_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)  # [B, 1]
+            off = ((batch.advantages >= 0) | (seq_kl <= self.off_policy_mask)).to(mask.dtype)  # [B, T]
+            keep = off if keep is None else keep * off
+        return keep, metrics
+
+    def step_statistics(self, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
+        """Statistics over the whole optimizer step, computed once before its micro-batch forwards.
+
+        Some objectives need more than one micro-batch can see: a quantile or
+        a token count over the step, a covariance over the batch. The trainer
+        calls this with the process's whole mini-batch (``logprobs`` and, when
+        ``step_needs`` asks, ``entropy`` of the current policy, both without
+        grad) and ``reduce`` across processes; it then hands each micro-batch
+        the result in ``PolicyBatch.step_stats``, with every tensor whose first
+        dimension is the mini-batch's row count sliced to the micro-batch's
+        rows (0-d tensors are passed whole). Called directly on a batch,
+        an objective computes them from that batch (see ``__call__``), so the
+        update is invariant to micro-batching and the number of processes.
+
+        A subclass that overrides this returns its own statistics; the base
+        class adds those of the token filters (``entropy_top_quantile``) and
+        hands the override the batch with :meth:`count_mask` applied.
+        """
+        return {}
 
     @abc.abstractmethod
     def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
@@ -156,11 +347,40 @@ class Objective(abc.ABC):
 
     def __call__(self, batch: PolicyBatch) -> ObjectiveOutput:
         self._check_inputs(batch)
-        per_token, metrics = self.surrogate(batch)
+        if self.step_needs and batch.step_stats is None:
+            batch = dataclasses.replace(batch, step_stats=self.step_statistics(_detached(batch), Reducer()))
+        completion_mask = batch.mask
+        batch = self.count_masked(batch)
+        keep, filter_metrics = self.token_filter(batch)
+        result = self.surrogate(batch)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+            raise ObjectiveError(f"objective {self.name or type(self).__name__!r}: surrogate() returned "
+                                 f"{type(result).__name__}; it must return (per-token loss [B, T], metrics dict)")
+        per_token, metrics = result
+        self._check_per_token(per_token, batch)
+        if keep is not None:
+            per_token = per_token * keep  # [B, T]
+        if keep is not None or self.mask_truncated:
+            trains = batch.mask if keep is None else batch.mask * keep
+            filter_metrics["kept_frac"] = masked_mean(trains.detach().to(completion_mask.dtype), completion_mask)
         loss = self.aggregate(per_token, batch)
         penalty, kl_metrics = self.kl_penalty(batch)
-        metrics = {**metrics, **kl_metrics}
+        metrics = {**metrics, **filter_metrics, **kl_metrics}
         return ObjectiveOutput(loss=loss + penalty, metrics=metrics)
+
+    def _check_per_token(self, per_token: Any, batch: PolicyBatch) -> None:
+        """The output contract: a floating ``[B, T]`` tensor, one loss per token."""
+        name = self.name or type(self).__name__
+        if not isinstance(per_token, Tensor):
+            raise ObjectiveError(f"objective {name!r}: surrogate() returned {type(per_token).__name__}; it must "
+                              f"return (per-token loss tensor [B, T], metrics dict)")
+        if tuple(per_token.shape) != tuple(batch.logprobs.shape):
+            raise ObjectiveError(f"objective {name!r}: surrogate() returned a per-token loss of shape "
+                              f"{list(per_token.shape)}, expected {list(batch.logprobs.shape)} ([B, T] like "
+                              "batch.logprobs); return one loss per token, not a reduced value")
+        if not per_token.is_floating_point():
+            raise ObjectiveError(f"objective {name!r}: surrogate() returned dtype {per_token.dtype}; "
+                              "the per-token loss must be a floating tensor")
 
     def _check_inputs(self, batch: PolicyBatch) -> None:
         required = {"entropy": ["entropy"], "ref": ["ref_logprobs"],
@@ -172,8 +392,17 @@ class Objective(abc.ABC):
                                      f"PolicyBatch.{attr} (declared need {need!r})")
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "needs")
+        settings = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k not in ("needs", "step_needs"))
         return f"{type(self).__name__}({settings})"
+
+
+Objective.step_statistics = _with_filter_statistics(Objective.step_statistics)  # type: ignore[method-assign]
+
+
+def _detached(batch: PolicyBatch) -> PolicyBatch:
+    """The batch with log-probs and entropy detached (step statistics never carry grad)."""
+    return dataclasses.replace(batch, logprobs=batch.logprobs.detach(),
+                               entropy=None if batch.entropy is None else batch.entropy.detach())
 
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:

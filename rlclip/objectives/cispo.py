@@ -1,0 +1,65 @@
+"""CISPO: clipped importance-sampling-weight policy optimisation (MiniMax-M1, arXiv 2506.13585)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlclip.errors import ConfigError
+from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_mean, register_objective
+from rlclip.objectives.ratio_clip import ratio_metrics
+from rlclip.types import PolicyBatch
+
+
+@register_objective("cispo")
+class CISPO(Objective):
+    """CISPO (MiniMax-M1, arXiv 2506.13585; ScaleRL, arXiv 2510.13786).
+
+    rho = exp(clamp(logprobs - old_logprobs, -20, 20)),
+    w = sg(clip(rho, 1 - eps_low, eps_high)) (no lower bound when eps_low is None),
+    L = -w * A * logprobs, so dL/dlogprobs = -w * A.
+
+    Unlike PPO's clip, no token loses its gradient when its ratio leaves the
+    range: the importance weight is capped, not the update.
+
+    ``eps_high`` is the cap on the weight itself, as TRL's ``epsilon_high`` with
+    ``loss_type="cispo"`` (``clamp(coef_1, max=epsilon_high)``); verl's
+    ``cispo`` caps at ``1 + clip_ratio_high`` and floors at ``1 - clip_ratio_low``,
+    i.e. ``eps_high = 1 + clip_ratio_high``, ``eps_low = clip_ratio_low``.
+
+    Defaults: eps_high = 5.0 is TRL's documented CISPO value (the ScaleRL
+    paper's epsilon_max); eps_low = None as MiniMax-M1 and TRL (no lower
+    bound). Aggregation ``token_mean`` as MiniMax-M1 and TRL (which
+    normalises CISPO by the global token count, like ``dapo``).
+
+    Args:
+        eps_high: cap >= 1 on the importance weight.
+        eps_low: optional floor 1 - eps_low on the weight, eps_low in [0, 1]; None: no floor.
+
+    Metrics: ``clip_frac_high`` (rho > eps_high with A > 0, TRL's ``cispo_clip_ratio``),
+    ``clip_frac_weight`` (weight capped or floored, any advantage), ``is_weight_mean``,
+    ratio mean/min/max, ``approx_kl``.
+    """
+
+    def __init__(self, *, eps_high: float = 5.0, eps_low: float | None = None, **shared: Any) -> None:
+        super().__init__(**shared)
+        if not eps_high >= 1:
+            raise ConfigError(f"cispo: eps_high is the cap on the importance weight itself (TRL's epsilon_high "
+                              f"for cispo, e.g. 5.0), not 1 + eps; it must be >= 1, got {eps_high}")
+        if eps_low is not None and not 0 <= eps_low <= 1:
+            raise ConfigError(f"cispo: eps_low must be in [0, 1] (or null for no floor), got {eps_low}")
+        self.eps_high = float(eps_high)
+        self.eps_low = None if eps_low is None else float(eps_low)
+
+    def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
+        log_ratio = (batch.logprobs - batch.old_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        ratio = torch.exp(log_ratio)  # [B, T], no grad
+        floor = None if self.eps_low is None else 1.0 - self.eps_low
+        weight = ratio.clamp(min=floor, max=self.eps_high)  # [B, T]
+        loss = -weight * batch.advantages * batch.logprobs  # [B, T]
+        active = {"high": (ratio > self.eps_high) & (batch.advantages > 0), "weight": weight != ratio}
+        metrics = ratio_metrics(ratio, log_ratio, batch.mask, active)
+        metrics["is_weight_mean"] = masked_mean(weight, batch.mask)
+        return loss, metrics
