@@ -1,45 +1,84 @@
 """``rlclip train | eval | tiny-model``.
 
-User errors (bad config, data, reward output, CLI input) print one line to
-stderr and exit with status 2; nothing else is caught.
+Bad input (config, data, model path, reward output, CLI flags) and the usual
+user mistakes (YAML syntax, encodings, missing files, permissions) print exactly
+one line, ``rlclip <command>: error: <what, the bad value, the fix>``, to stderr
+and exit with status 2; Ctrl-C outside training exits with 130. ``--debug``
+anywhere on the command line prints the full traceback as well. Any other
+exception is a bug in rlclip and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
-from rlclip.errors import RlclipError
+from rlclip.errors import ConfigError, RlclipError
 
-USAGE = """usage: rlclip <command> [options]
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEBUG_FLAG = "--debug"
+
+USAGE = """usage: rlclip [--debug] <command> [options]
 
 commands:
   train --config RECIPE.yaml [--section.key VALUE ...]   train with a recipe and dotted overrides
   eval --suite SUITE [--model PATH | --gold] ...           score a model on gsm8k, math500, svamp or asdiv
   tiny-model DIR [--seed N]                                save a tiny random model and tokenizer to DIR
+
+--debug (anywhere on the line) shows the full traceback of an error.
 """
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing the usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def train_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlclip train", description="Train with a recipe.",
-                                     epilog="Any config field can be overridden: --objective.name troll "
-                                            "--objective.kl_bound 0.02 --max_steps 10")
+    parser = ArgumentParser(prog="rlclip train", description="Train with a recipe.",
+                            epilog="Any config field can be overridden: --objective.name troll "
+                                   "--objective.kl_bound 0.02 --max_steps 10. --debug shows tracebacks.")
     parser.add_argument("--config", help="recipe YAML (e.g. recipes/smoke/tiny.yaml)")
     args, rest = parser.parse_known_args(argv)
     from rlclip.config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(rest))
+    records = preflight(config)
     from rlclip.trainer import Trainer
 
-    history = Trainer(config).train()
+    trainer = Trainer(config, train_dataset=records)
+    history = trainer.train()
+    stopped_by = getattr(trainer, "stopped_by", None)
+    if stopped_by:  # the trainer saved a checkpoint and said how to resume
+        from rlclip.interrupt import EXIT_CODES
+
+        return EXIT_CODES.get(stopped_by, EXIT_INTERRUPTED)
     if history:
         last = history[-1]
         print(f"done: {last['step']} steps, reward/mean {last['reward/mean']:.4f}, output in {config.output_dir}")
     return 0
 
 
+def preflight(config) -> list[dict]:
+    """Cheap checks before any model loads: the model paths exist and are complete; the data loads."""
+    from rlclip.data import load_records
+    from rlclip.modeling import check_model_source
+
+    check_model_source(config.model.name_or_path, config.model.gguf_file, what="model.name_or_path")
+    if config.critic.name_or_path:
+        check_model_source(config.critic.name_or_path, what="critic.name_or_path")
+    return load_records(config.data, config.seed)
+
+
 def tiny_model_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlclip tiny-model", description="Save a tiny random model.")
+    parser = ArgumentParser(prog="rlclip tiny-model", description="Save a tiny random model.")
     parser.add_argument("directory")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -50,28 +89,84 @@ def tiny_model_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
-    from rlclip.eval.cli import main as run_eval
+    from rlclip.eval.cli import run
 
-    return run_eval(argv)
+    return run(argv)
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "tiny-model": tiny_model_main}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "eval": eval_main,
+                                                   "tiny-model": tiny_model_main}
+
+_OS_ERRORS = {  # exception type -> (what happened, the fix)
+    FileNotFoundError: ("no such file or directory", "check the path"),
+    IsADirectoryError: ("is a directory, a file was expected", "pass a file"),
+    NotADirectoryError: ("a part of the path is a file, not a directory", "choose a path under a directory"),
+    FileExistsError: ("already exists (and is not a directory)", "remove it or choose another path"),
+    PermissionError: ("permission denied", "fix its permissions or choose a path you can use"),
+}
+
+
+def describe_error(err: BaseException) -> str | None:
+    """The one-line message for a user error, or None for a bug (which keeps its traceback)."""
+    import yaml
+
+    if isinstance(err, RlclipError):
+        return " ".join(str(err).split("\n")).strip() or type(err).__name__
+    if isinstance(err, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({err.reason} at byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                "save it as UTF-8 (run with --debug to see which file)")
+    if isinstance(err, yaml.YAMLError):
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        return f"YAML syntax error: {where}{problem}; fix the YAML there"
+    if isinstance(err, OSError) and (err.filename is not None or type(err) in _OS_ERRORS):
+        what, fix = next((v for k, v in _OS_ERRORS.items() if isinstance(err, k)),
+                         (err.strerror or str(err), "check the path, its permissions and the free disk space"))
+        name = f"{err.filename}: " if err.filename is not None else ""
+        return f"{name}{what}; {fix}"
+    return None
+
+
+def _run(command: str, func: Callable[[list[str]], int], argv: list[str], debug: bool) -> int:
+    """``func(argv)`` with user errors turned into one line on stderr (the traceback too with --debug)."""
+    try:
+        return func(argv)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"rlclip {command}: error: interrupted (Ctrl-C) before training started; nothing was saved",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        message = describe_error(err)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"rlclip {command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        print(f"rlclip: error: no command given; choose one of {', '.join(COMMANDS)} (see rlclip --help)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"rlclip: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    try:
-        return COMMANDS[command](rest)
-    except RlclipError as err:
-        print(f"rlclip {command}: error: {err}", file=sys.stderr)
-        return 2
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"rlclip: error: unknown command {command!r}; {hint}choose one of {', '.join(COMMANDS)} "
+              "(see rlclip --help)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return _run(command, COMMANDS[command], rest, debug)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rlclip.data.errors import DataError
 
@@ -64,19 +64,58 @@ def resolve_file(path: str, split: str, names: tuple[str, ...]) -> str:
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-empty line of a JSONL file."""
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    """Yield (line number, object) for each non-empty line of a UTF-8 JSONL file.
+
+    Raises DataError naming the file and line for an unreadable file, a line
+    that is not UTF-8 or not valid JSON, or a value that is not an object.
+    """
+    with open_data_file(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            line = decode_line(raw, path, line_no)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg})", source=name, line=line_no) from None
+                raise DataError(f"invalid JSON ({exc.msg}, column {exc.colno}); each line must be one JSON object",
+                                source=path, line=line_no) from None
             if not isinstance(obj, dict):
-                raise DataError("expected a JSON object", source=name, line=line_no)
+                raise DataError(f"expected a JSON object, got {type(obj).__name__}; each line must be one JSON "
+                                "object such as {\"question\": ...}", source=path, line=line_no)
             yield line_no, obj
+
+
+def open_data_file(path: str, mode: str = "r") -> IO[Any]:
+    """``open(path)`` (UTF-8 in text mode) with OS errors turned into a DataError naming the file."""
+    try:
+        return open(path, mode) if "b" in mode else open(path, mode, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found; pass an existing file", source=path) from None
+    except IsADirectoryError:
+        raise DataError("is a directory; pass the data file inside it", source=path) from None
+    except OSError as exc:
+        raise DataError(f"cannot read the file ({exc.strerror}); check its permissions", source=path) from None
+
+
+def decode_line(raw: bytes, path: str, line_no: int) -> str:
+    """One line of a data file as text; DataError naming the file and line when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8", source=path, line=line_no) from None
+
+
+def read_text(path: str) -> str:
+    """A whole UTF-8 data file as text; DataError naming the file (and line) when unreadable or not UTF-8."""
+    with open_data_file(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        decode_line(raw.split(b"\n")[line - 1], path, line)  # raises with the column
+        raise  # pragma: no cover
 
 
 def load_hub_rows(name: str, config: str | None, split: str) -> list[dict[str, Any]]:

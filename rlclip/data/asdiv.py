@@ -22,6 +22,7 @@ from rlclip.data._common import (
     is_local,
     load_hub_rows,
     make_record,
+    open_data_file,
 )
 from rlclip.data.errors import DataError
 
@@ -33,9 +34,10 @@ _FIELDS = {"Body": "body", "Question": "question", "Answer": "answer", "Formula"
 
 def _xml_rows(path: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, location) pairs, one per ``<Problem>`` element."""
-    name = os.path.basename(path)
+    name = path
     try:
-        root = ET.parse(path).getroot()
+        with open_data_file(path, "rb") as handle:
+            root = ET.parse(handle).getroot()
     except ET.ParseError as exc:
         raise DataError(f"invalid XML ({exc})", source=name, line=exc.position[0]) from None
     pairs = []

@@ -7,7 +7,6 @@ the answer being the worked solution ending in ``#### <number>``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from rlclip.data._common import (
@@ -61,7 +60,7 @@ def load(
     if is_local(source):
         path = resolve_file(source, split, ("{split}.jsonl",))
         for line, row in read_jsonl(path):
-            where = {"source": os.path.basename(path), "line": line}
+            where = {"source": path, "line": line}
             records.append(convert(row, template, len(records), where))
             if limit and len(records) >= limit:
                 break

@@ -9,7 +9,6 @@ answer is the last ``\\boxed{}`` of the solution.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -83,7 +82,7 @@ def _load(
     if is_local(source):
         path = resolve_file(source, split, ("{split}.jsonl",))
         for line, row in read_jsonl(path):
-            where = {"source": os.path.basename(path), "line": line}
+            where = {"source": path, "line": line}
             records.append(convert(row, template, len(records), where, suite))
             if limit and len(records) >= limit:
                 break

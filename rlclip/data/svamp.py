@@ -9,7 +9,6 @@ or a hub data set such as ``ChilleD/SVAMP`` (train/test).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from rlclip.data._common import (
@@ -22,6 +21,7 @@ from rlclip.data._common import (
     load_hub_rows,
     make_record,
     read_jsonl,
+    read_text,
 )
 from rlclip.data.errors import DataError
 
@@ -63,12 +63,11 @@ def convert(row: dict[str, Any], template: str, index: int, where: dict[str, Any
 
 def _read_local(path: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, location) pairs from a JSON list file or a JSONL file."""
-    name = os.path.basename(path)
+    name = path
     if path.endswith(".jsonl"):
         return [(row, {"source": name, "line": line}) for line, row in read_jsonl(path)]
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"invalid JSON ({exc.msg})", source=name, line=exc.lineno) from None
     if not isinstance(data, list):

@@ -6,18 +6,19 @@ Examples::
     rlclip eval --suite math500 --model runs/ckpt --num-samples 4 --temperature 0.6 --output-json out.json
 
 Also runnable as ``python -m rlclip.eval.cli ...``. Bad input prints one line to
-stderr naming the problem and the fix, and exits with status 2.
+stderr naming the problem and the fix, and exits with status 2 (``--debug`` adds
+the traceback); the handling is :mod:`rlclip.cli`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
-from rlclip.errors import RlclipError
 from rlclip.eval import EvalError
-from rlclip.eval.engine import BACKENDS, DTYPES, EvalConfig, format_summary, run_eval
+from rlclip.eval.engine import BACKENDS, DTYPES, EvalConfig, format_summary, run_eval, validate
 
 SUITE_CHOICES = ("gsm8k", "math500", "svamp", "asdiv", "math")
 
@@ -82,19 +83,27 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``rlclip eval`` with ``argv``; 0 on success, 2 on bad input."""
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> int:
+    """Run ``rlclip eval`` with ``argv``; bad input raises RlclipError (one line, see :mod:`rlclip.cli`)."""
     try:
         args = build_parser().parse_args(argv)
-        summary = run_eval(config_from_args(args))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except RlclipError as exc:
-        print(f"rlclip eval: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
+    config = config_from_args(args)
+    validate(config)
+    if config.model and not os.path.isfile(os.path.join(config.model, "adapter_config.json")):
+        from rlclip.modeling import check_model_source
+
+        check_model_source(config.model, config.gguf_file, what="--model")
+    print(format_summary(run_eval(config)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rlclip eval`` with ``argv``; 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
+    from rlclip.cli import main as rlclip_main
+
+    return rlclip_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
