@@ -1,4 +1,4 @@
-"""The user objective in recipes/custom_objective.py (CISPO): hand values, and a run chosen from YAML."""
+"""The user objective in recipes/custom_objective.py (REINFORCE with baseline): hand values, and a run chosen from YAML."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ RECIPE = ROOT / "recipes/custom_objective.yaml"
 def registered():
     import_user_modules([MODULE])  # cached by module name: importing again is a no-op
     import_user_modules([MODULE])
-    assert "custom_cispo" in available_objectives()
+    assert "custom_reinforce" in available_objectives()
 
 
 # Probabilities p of the sampled tokens and ratios rho = p / p_old, float64.
@@ -51,56 +51,49 @@ def expected(weights: list[list[float]]) -> tuple[float, list[list[float]]]:
     return loss, grad
 
 
-def test_loss_gradient_and_metrics_by_hand():
+@pytest.mark.parametrize("is_weight, weights", [
+    ("none", [[1.0] * 3, [1.0] * 3]),
+    ("ratio", RHO),  # the padded token (rho = 4) does not count
+])
+def test_loss_gradient_and_metrics_by_hand(is_weight, weights):
     batch = make_batch()
-    out = build_objective("custom_cispo", eps_max=1.5)(batch)
+    out = build_objective("custom_reinforce", is_weight=is_weight)(batch)
     out.loss.backward()
-    # weights min(rho, 1.5); no lower bound; the padded token (rho = 4) does not count
-    loss, grad = expected([[1.0, 1.5, 0.5], [0.8, 1.2, 1.5]])
+    loss, grad = expected(weights)
     assert out.loss.item() == pytest.approx(loss, rel=1e-12)
-    # the gradient is -w A / N exactly (here: -0.2, -0.3, -0.1 and 0.08, 0.12, 0)
     torch.testing.assert_close(batch.logprobs.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-    assert grad[0] == pytest.approx([-0.2, -0.3, -0.1]) and grad[1] == pytest.approx([0.08, 0.12, 0.0])
-    assert float(out.metrics["truncated_frac"]) == pytest.approx(1 / 5)  # only rho = 2 is above 1.5
-    assert float(out.metrics["is_weight_mean"]) == pytest.approx((1.0 + 1.5 + 0.5 + 0.8 + 1.2) / 5)
     assert float(out.metrics["ratio_mean"]) == pytest.approx((1.0 + 2.0 + 0.5 + 0.8 + 1.2) / 5)
+    expected_weight = 1.0 if is_weight == "none" else (1.0 + 2.0 + 0.5 + 0.8 + 1.2) / 5
+    assert float(out.metrics["is_weight_mean"]) == pytest.approx(expected_weight)
 
 
-def test_lower_bound():
-    batch = make_batch()
-    out = build_objective("custom_cispo", eps_max=1.5, eps_low=0.2)(batch)
-    out.loss.backward()
-    loss, grad = expected([[1.0, 1.5, 0.8], [0.8, 1.2, 1.5]])  # 0.5 is raised to 1 - 0.2
-    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
-    torch.testing.assert_close(batch.logprobs.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-
-
-def test_on_policy_gradient_equals_the_ratio_clip_gradient():
-    """At rho = 1 both are the plain policy gradient -A grad log p / N."""
+def test_on_policy_gradient_equals_the_ratio_clip_and_gpg_gradients():
+    """At rho = 1 all are the plain policy gradient -A grad log p / N."""
     grads = []
-    for name in ("custom_cispo", "ratio_clip"):
+    for name in ("custom_reinforce", "ratio_clip", "gpg"):
         batch = make_batch()
         batch.old_logprobs = batch.logprobs.detach().clone()
         build_objective(name)(batch).loss.backward()
         grads.append(batch.logprobs.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-12, atol=1e-15)
 
 
 def test_shared_settings_reach_the_base_class():
-    obj = build_objective("custom_cispo", agg="seq_mean_token_mean", kl_coef=0.1)
-    assert obj.agg == "seq_mean_token_mean" and obj.kl_coef == 0.1 and obj.needs == {"ref"}
+    obj = build_objective("custom_reinforce", agg="seq_mean_token_mean", kl_coef=0.1, entropy_top_quantile=0.2)
+    assert obj.agg == "seq_mean_token_mean" and obj.kl_coef == 0.1 and obj.needs == {"ref", "entropy"}
 
 
-@pytest.mark.parametrize("settings", [{"eps_max": 0.0}, {"eps_low": 1.5}, {"eps_mx": 5.0}])
+@pytest.mark.parametrize("settings", [{"is_weight": "clip"}, {"is_weigth": "ratio"}])
 def test_bad_settings_raise(settings):
     with pytest.raises(ConfigError):
-        build_objective("custom_cispo", **settings)
+        build_objective("custom_reinforce", **settings)
 
 
 def test_recipe_loads_twice_in_one_process():
     for _ in range(2):
         config = load_config(RECIPE)
-        assert config.objective == {"name": "custom_cispo", "eps_max": 5.0, "eps_low": None, "agg": "token_mean"}
+        assert config.objective == {"name": "custom_reinforce", "is_weight": "ratio", "agg": "token_mean"}
 
 
 def test_training_from_yaml(tmp_path: Path):
@@ -114,7 +107,7 @@ def test_training_from_yaml(tmp_path: Path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
-        for key in ("objective/is_weight_mean", "objective/ratio_mean", "objective/truncated_frac", "loss"):
+        for key in ("objective/is_weight_mean", "objective/ratio_mean", "objective/logprob_mean", "loss"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), key
     assert rows[0]["objective/ratio_mean"] == pytest.approx(1.0)  # first step: nothing has moved yet
-    assert "custom_cispo" in (out / "config.yaml").read_text()
+    assert "custom_reinforce" in (out / "config.yaml").read_text()

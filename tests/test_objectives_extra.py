@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rlclip.errors import ConfigError
-from rlclip.objectives import PolicyBatch, build_objective
-from rlclip.objectives.base import objective_parameters
+from rlclip.objectives import PolicyBatch, available_objectives, build_objective
+from rlclip.objectives.base import ENTROPY_KEEP, Reducer, _detached, objective_parameters
 from rlclip.utils import rows_of
 
 D = torch.float64
@@ -169,3 +169,268 @@ def test_off_policy_mask_equals_trl():
                     trl_loss("bnpo", batch, off_policy_mask_threshold=threshold))
         assert_same(ours("sapo", batch, off_policy_mask=threshold),
                     trl_loss("sapo", batch, off_policy_mask_threshold=threshold))
+
+
+# ------------------------------------------------------------------------------- hand values, float64
+
+def hand_batch(log_ratios, adv, mask=None, logprobs=None, **extra) -> PolicyBatch:
+    lr = torch.tensor(log_ratios, dtype=D)
+    logp = torch.full_like(lr, -0.7) if logprobs is None else torch.tensor(logprobs, dtype=D)
+    mask = torch.ones_like(lr) if mask is None else torch.tensor(mask, dtype=D)
+    return PolicyBatch(logprobs=logp.clone().requires_grad_(), old_logprobs=logp - lr,
+                       advantages=torch.tensor(adv, dtype=D).expand_as(lr).contiguous(), mask=mask, **extra)
+
+
+def test_cispo_hand_values_and_reinforce_limits():
+    # rho = [2, 0.5, 1.2], A = [1, -1, 2], eps_high = 1.5: w = [1.5, 0.5, 1.2]; L = -w A logp, dL/dlogp = -w A / 3
+    b = hand_batch([[math.log(2.0), math.log(0.5), math.log(1.2)]], [[1.0, -1.0, 2.0]], logprobs=[[-0.5, -1.0, -2.0]])
+    loss, grad, m = ours("cispo", b, eps_high=1.5)
+    assert loss.item() == pytest.approx(-(1.5 * -0.5 + 0.5 * 1.0 + 1.2 * 2 * -2.0) / 3, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([[-1.5, 0.5, -2.4]], dtype=D) / 3)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 3)
+    loss, grad, _ = ours("cispo", b, eps_high=1.5, eps_low=0.2)  # 0.5 raised to 0.8
+    torch.testing.assert_close(grad, torch.tensor([[-1.5, 0.8, -2.4]], dtype=D) / 3)
+    # no clipping binds: the unclipped ratio gradient -rho A, and at rho = 1 REINFORCE (gpg)
+    torch.testing.assert_close(ours("cispo", b, eps_high=1e6)[1],
+                               ours("ratio_clip", b, eps_low=1.0, eps_high=1e6)[1])
+    on = hand_batch([[0.0, 0.0, 0.0]], [[1.0, -1.0, 2.0]])
+    torch.testing.assert_close(ours("cispo", on)[1], ours("gpg", on)[1])
+
+
+def test_sapo_hand_values_and_limits():
+    # one token rho = e^0.3, A = 1, tau = 1: L = -4 sigmoid(rho - 1), dL/dlogp = -4 s (1 - s) rho
+    rho = math.exp(0.3)
+    s = 1 / (1 + math.exp(-(rho - 1)))
+    loss, grad, _ = ours("sapo", hand_batch([[0.3]], [[1.0]]))
+    assert loss.item() == pytest.approx(-4 * s, rel=1e-12)
+    assert grad.item() == pytest.approx(-4 * s * (1 - s) * rho, rel=1e-12)
+    # A = -1 uses tau_neg: L = sigmoid(1.05 (rho - 1)) * 4 / 1.05
+    loss, _, _ = ours("sapo", hand_batch([[0.3]], [[-1.0]]))
+    assert loss.item() == pytest.approx(4 / 1.05 / (1 + math.exp(-1.05 * (rho - 1))), rel=1e-12)
+    b = random_batch(11, scale=0.4)
+    # at rho = 1 the gradient is the policy gradient, whatever the temperature
+    on = fresh(b)
+    on.old_logprobs = on.logprobs.detach().clone()
+    for tau in (0.1, 1.0, 10.0):
+        torch.testing.assert_close(ours("sapo", on, tau_pos=tau, tau_neg=tau, agg="token_mean")[1],
+                                   ours("gpg", on)[1])
+    # small temperature: the unclipped ratio gradient -A rho
+    torch.testing.assert_close(ours("sapo", b, tau_pos=1e-5, tau_neg=1e-5, agg="token_mean")[1],
+                               ours("ratio_clip", b, eps_low=1.0, eps_high=1e9)[1], rtol=1e-4, atol=1e-6)
+    # large temperature: a hard gate, tokens with |rho - 1| > 0.2 get (almost) no gradient
+    far = hand_batch([[math.log(1.3), math.log(0.7)]], [[1.0, -1.0]])
+    assert ours("sapo", far, tau_pos=200.0, tau_neg=200.0)[1].abs().max().item() < 1e-20
+
+
+def test_vespo_hand_value_and_on_policy_limit():
+    # one response, log ratios [0.1, 0.2] -> log w = 0.3; A = 1 >= 0: phi = exp(3 + 2 * 0.3 - 3 e^0.3)
+    b = hand_batch([[0.1, 0.2]], [[1.0, 1.0]], logprobs=[[-0.5, -1.5]])
+    phi = math.exp(3 + 2 * 0.3 - 3 * math.exp(0.3))
+    loss, grad, m = ours("vespo", b)
+    assert loss.item() == pytest.approx(-phi * (-0.5 - 1.5) / 2, rel=1e-12)
+    torch.testing.assert_close(grad, torch.full((1, 2), -phi / 2, dtype=D))
+    assert m["phi_mean"].item() == pytest.approx(phi)
+    # A < 0 uses (k_neg, lambda_neg) = (3, 2)
+    phi_neg = math.exp(2 + 3 * 0.3 - 2 * math.exp(0.3))
+    assert ours("vespo", hand_batch([[0.1, 0.2]], [[-1.0, -1.0]]))[1][0, 0].item() == pytest.approx(phi_neg / 2)
+    # on-policy w = 1: phi = 1 and VESPO is REINFORCE
+    on = hand_batch([[0.0, 0.0, 0.0]], [[0.5, 0.5, 0.5]])
+    torch.testing.assert_close(ours("vespo", on)[1], ours("gpg", on)[1])
+
+
+def test_luspo_is_gspo_weighted_by_length():
+    b = random_batch(12, scale=0.05)
+    lengths = b.mask.sum(-1, keepdim=True)
+    luspo = ours("luspo", b, eps_low=0.02, eps_high=0.03)
+    gspo = ours("ratio_clip", b, eps_low=0.02, eps_high=0.03, level="sequence", agg="seq_mean_token_mean")
+    torch.testing.assert_close(luspo[1], gspo[1] * lengths)
+    same = ours("ratio_clip", b, eps_low=0.02, eps_high=0.03, level="sequence", agg="seq_mean_token_sum")
+    assert_same(luspo, same[:2], tol=1e-12)
+    assert "level" not in objective_parameters(type(build_objective("luspo")))
+
+
+def test_gmpo_hand_values_from_verl():
+    # verl core_algos.py compute_policy_loss_geo_mean, lines 1681-1701: clamp the token log ratio to
+    # [-eps_low, eps_high] on the advantage's side (1684-1686), s_i = exp(masked mean) (1689-1690),
+    # A_i = masked mean of A (1693), loss = mean_i(-A_i s_i) (1694, 1707).
+    # Row 0: log ratios [0.5, -0.5, 0.1], A = 1: the upper clip 0.4 binds on 0.5 only ->
+    #   s = exp((0.4 - 0.5 + 0.1) / 3) = 1; d s / d logp_t = s / 3 on unclipped tokens.
+    # Row 1: log ratios [0.5, -0.5, pad], A = -2: the lower clip binds on -0.5 -> s = exp((0.5 - 0.4) / 2).
+    b = hand_batch([[0.5, -0.5, 0.1], [0.5, -0.5, 9.0]], [[1.0], [-2.0]], mask=[[1, 1, 1], [1, 1, 0]])
+    s1 = math.exp(0.05)
+    loss, grad, m = ours("gmpo", b)
+    assert loss.item() == pytest.approx((-1.0 * 1.0 + 2.0 * s1) / 2, rel=1e-12)
+    expected = torch.tensor([[0.0, -1 / 3, -1 / 3], [2 * s1 / 2, 0.0, 0.0]], dtype=D) / 2
+    torch.testing.assert_close(grad, expected)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 5) and m["clip_frac_low"].item() == pytest.approx(1 / 5)
+
+
+def test_gmpo_one_token_equals_ratio_clip():
+    b = random_batch(13, t=1, b=12, scale=0.6)
+    eps_low, eps_high = 0.3, 0.25
+    assert_same(ours("gmpo", b, eps_low=eps_low, eps_high=eps_high),
+                ours("ratio_clip", b, eps_low=1 - math.exp(-eps_low), eps_high=math.exp(eps_high) - 1)[:2],
+                tol=1e-12)
+
+
+def test_gpg_hand_value_from_verl():
+    # verl core_algos.py compute_policy_loss_gpg, lines 1437-1447: -log_prob * A, agg_loss token-mean.
+    b = hand_batch([[0.3, 0.1], [0.0, 0.0]], [[2.0], [-1.0]], mask=[[1, 1], [1, 0]],
+                   logprobs=[[-0.5, -1.0], [-2.0, -3.0]])
+    loss, grad, _ = ours("gpg", b)
+    assert loss.item() == pytest.approx((2 * 0.5 + 2 * 1.0 - 2.0) / 3, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([[-2.0, -2.0], [1.0, 0.0]], dtype=D) / 3)
+
+
+def test_clip_cov_hand_values_from_verl():
+    # verl core_algos.py compute_policy_loss_clip_cov, lines 1500-1541: cov = (A - mean A)(logp - mean logp)
+    # over valid tokens (1515-1517); tokens where the PPO clip binds are no candidates (1513, 1519);
+    # candidates lb < cov < ub (1523); max(int(ratio * n), 1) of them drawn (1522, 1526-1528) get corr = 0
+    # (1532); loss = max(pg1, pg2) * corr, token-mean (1536, 1542).
+    # A = [2, 0, 0, -2], logp = [-0.1, -1, -1, -1.9] (means 0, -1): cov = [1.8, 0, 0, 1.8].
+    # Token 3 has rho = 1.5 with A < 0: the clip does not bind (-A rho > -A 1.2), token 0 rho = 1.
+    b = hand_batch([[0.0, 0.0, 0.0, math.log(1.5)]], [[2.0, 0.0, 0.0, -2.0]], logprobs=[[-0.1, -1.0, -1.0, -1.9]])
+    loss, grad, m = ours("clip_cov", b, clip_cov_ratio=0.5)  # int(0.5 * 4) = 2 removed: both candidates
+    assert loss.item() == pytest.approx(0.0, abs=1e-15)
+    torch.testing.assert_close(grad, torch.zeros(1, 4, dtype=D))
+    assert m["cov_clip_frac"].item() == pytest.approx(0.5)
+    loss, grad, _ = ours("clip_cov", b, clip_cov_ub=1.5)  # cov 1.8 is no candidate: plain PPO loss
+    assert loss.item() == pytest.approx((-2.0 + 2 * 1.5) / 4, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([[-2.0, 0.0, 0.0, 3.0]], dtype=D) / 4)
+    # A = [2, 0, 0, 2], logp = [-1.9, -1, -1, -0.1]: cov = [-0.9, 0, 0, 0.9]; with lb 0.5 only token 3 is a
+    # candidate, unless the clip binds on it (rho = 1.5 > 1.2 with A > 0)
+    clipped = hand_batch([[0.0, 0.0, 0.0, math.log(1.5)]], [[2.0, 0.0, 0.0, 2.0]], logprobs=[[-1.9, -1.0, -1.0, -0.1]])
+    assert ours("clip_cov", clipped, clip_cov_lb=0.5)[2]["cov_clip_frac"].item() == 0.0
+    inside = hand_batch([[0.0, 0.0, 0.0, math.log(1.1)]], [[2.0, 0.0, 0.0, 2.0]], logprobs=[[-1.9, -1.0, -1.0, -0.1]])
+    loss, grad, m = ours("clip_cov", inside, clip_cov_lb=0.5)
+    assert m["cov_clip_frac"].item() == pytest.approx(0.25)
+    torch.testing.assert_close(grad, torch.tensor([[-2.0, 0.0, 0.0, 0.0]], dtype=D) / 4)
+
+
+def test_kl_cov_hand_values_from_verl():
+    # verl core_algos.py compute_policy_loss_kl_cov, lines 1589-1624: pg = -A rho (no clip, 1594-1596);
+    # cov over valid tokens (1603-1608); the max(1, int(n * ratio)) largest (1609-1610) get
+    # -A rho + ppo_kl_coef * |log rho| (1595, 1614-1616); token-mean (1623).
+    # cov = [1.8, 0, 0, 1.8] as above but token 0 is larger: logp[0] = 0.1 -> cov = [2.2, 0, 0, 1.8].
+    b = hand_batch([[0.2, 0.0, 0.0, -0.3]], [[2.0, 0.0, 0.0, -2.0]], logprobs=[[0.1, -1.0, -1.0, -1.9]])
+    r0, r3 = math.exp(0.2), math.exp(-0.3)
+    loss, grad, m = ours("kl_cov", b, ppo_kl_coef=0.5)  # k = max(1, int(4 * 2e-4)) = 1: token 0
+    assert loss.item() == pytest.approx((-2 * r0 + 0.5 * 0.2 + 2 * r3) / 4, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor([[-2 * r0 + 0.5, 0.0, 0.0, 2 * r3]], dtype=D) / 4)
+    assert m["cov_kl_frac"].item() == pytest.approx(0.25)
+    _, grad, _ = ours("kl_cov", b, ppo_kl_coef=0.5, kl_cov_ratio=0.5)  # k = 2: tokens 0 and 3
+    torch.testing.assert_close(grad, torch.tensor([[-2 * r0 + 0.5, 0.0, 0.0, 2 * r3 - 0.5]], dtype=D) / 4)
+
+
+def test_delta_none_is_ratio_clip_and_large_delta_is_dual_clip():
+    b = random_batch(14, scale=0.8)
+    assert_same(ours("ratio_clip", b, eps_high=0.28, delta=None), ours("ratio_clip", b, eps_high=0.28)[:2], 0)
+    for d in (1.3, 2.0):  # > 1 + eps_high: the same bound as the dual clip
+        assert_same(ours("ratio_clip", b, eps_high=0.28, delta=d)[:2],
+                    ours("ratio_clip", b, eps_high=0.28, dual_clip=d)[:2], tol=1e-12)
+    # rho = 3, A = -1: delta bounds the loss at -A delta = 2 without gradient; A = 1 is untouched (1.2 clip)
+    h = hand_batch([[math.log(3.0), math.log(3.0)]], [[-1.0, 1.0]])
+    loss, grad, m = ours("ratio_clip", h, delta=2.0)
+    assert loss.item() == pytest.approx((2.0 - 1.2) / 2) and grad.abs().max().item() == 0.0
+    assert m["clip_frac_delta"].item() == pytest.approx(0.5)
+    # delta <= 1 + eps_high also caps positive advantages: rho = 1.15, A = 1, delta 1.1 -> loss -1.1
+    loss, grad, _ = ours("ratio_clip", hand_batch([[math.log(1.15)]], [[1.0]]), delta=1.1)
+    assert loss.item() == pytest.approx(-1.1) and grad.item() == 0.0
+    with pytest.raises(ConfigError, match="delta"):
+        build_objective("ratio_clip", delta=0.9)
+
+
+# ------------------------------------------------------------------------- step statistics and filters
+
+@pytest.mark.parametrize("name, settings", [
+    ("clip_cov", {"clip_cov_ratio": 0.3, "clip_cov_lb": -10.0, "clip_cov_ub": 10.0}),
+    ("kl_cov", {"kl_cov_ratio": 0.2, "ppo_kl_coef": 0.7}),
+    ("ratio_clip", {"entropy_top_quantile": 0.3}),
+    ("cispo", {"entropy_top_quantile": 0.5, "off_policy_mask": 0.05, "mask_truncated": True}),
+])
+def test_micro_batches_with_sliced_step_statistics_equal_the_whole_batch(name, settings):
+    truncated = torch.tensor([False, True, False, False, True, False, False, False])
+    whole = random_batch(21, b=8, t=6, scale=0.5, seq_adv=False, truncated=truncated)
+    whole.entropy = torch.rand(8, 6, generator=torch.Generator().manual_seed(3), dtype=D)
+    obj = build_objective(name, **settings)
+    stats = obj.step_statistics(_detached(whole), Reducer())
+    n = obj.count_mask(whole.mask, truncated).sum()
+    out = obj(whole)
+    out.loss.backward()
+    leaf = whole.logprobs.detach().clone().requires_grad_()
+    total = 0.0
+    for idx in (torch.tensor([0, 1, 2]), torch.tensor([3]), torch.tensor([4, 5, 6, 7])):
+        micro = PolicyBatch(logprobs=leaf[idx], old_logprobs=whole.old_logprobs[idx],
+                            advantages=whole.advantages[idx], mask=whole.mask[idx], entropy=whole.entropy[idx],
+                            truncated=truncated[idx], num_tokens=n, step_stats=rows_of(stats, idx, 8))
+        total = total + obj(micro).loss
+    total.backward()
+    assert abs(total.item() - out.loss.item()) < 1e-6
+    torch.testing.assert_close(leaf.grad, whole.logprobs.grad, rtol=1e-6, atol=1e-6)
+    # the micro-batches alone (no step statistics) would select differently
+    assert set(stats) >= ({"clip_cov_selected"} if name == "clip_cov" else set())
+
+
+def test_clip_cov_draw_is_reproducible_and_seeded():
+    b = random_batch(22, b=8, t=6, scale=0.5, seq_adv=False)
+    def draw(seed):
+        obj = build_objective("clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-10.0, clip_cov_ub=10.0, seed=seed)
+        return obj.step_statistics(_detached(b), Reducer())["clip_cov_selected"]
+
+    assert torch.equal(draw(0), draw(0)) and int(draw(0).sum()) == int(0.2 * b.mask.sum())
+    assert not all(torch.equal(draw(0), draw(s)) for s in (1, 2, 3))
+
+
+def test_mask_truncated_removes_rows_from_loss_and_denominator():
+    b = random_batch(23, scale=0.4, truncated=torch.tensor([False, True, False, True, False, False]))
+    keep = torch.tensor([0, 2, 4, 5])
+    sub = PolicyBatch(logprobs=b.logprobs.detach()[keep], old_logprobs=b.old_logprobs[keep],
+                      advantages=b.advantages[keep], mask=b.mask[keep])
+    for name in ("ratio_clip", "sapo", "gmpo"):
+        loss, grad, m = ours(name, b, mask_truncated=True)
+        assert loss.item() == pytest.approx(ours(name, sub)[0].item(), rel=1e-12)
+        assert grad[[1, 3]].abs().max().item() == 0.0
+        assert m["kept_frac"].item() == pytest.approx(float(sub.mask.sum() / b.mask.sum()))
+    obj = build_objective("ratio_clip", mask_truncated=True)
+    assert torch.equal(obj.count_mask(b.mask, b.truncated).sum(-1)[[1, 3]], torch.zeros(2, dtype=D))
+    assert torch.equal(build_objective("ratio_clip").count_mask(b.mask, b.truncated), b.mask)
+    with pytest.raises(ValueError, match="truncated"):
+        obj(random_batch(23))
+
+
+def test_off_policy_mask_drops_only_negative_advantage_sequences_beyond_the_threshold():
+    # row 0: KL(old||new) estimate mean(old - new) = 0.3 > 0.1 with A < 0: dropped; row 1 same KL, A > 0: kept
+    b = hand_batch([[-0.3, -0.3], [-0.3, -0.3]], [[-1.0], [1.0]])
+    loss, grad, m = ours("ratio_clip", b, off_policy_mask=0.1, eps_low=1.0, eps_high=1e9)
+    assert grad[0].abs().max().item() == 0.0 and grad[1].abs().min().item() > 0
+    assert m["kept_frac"].item() == pytest.approx(0.5)
+    assert ours("ratio_clip", b, off_policy_mask=0.5, eps_low=1.0, eps_high=1e9)[1][0].abs().min().item() > 0
+
+
+def test_filters_are_settings_of_every_objective_and_archer_gets_filter_statistics():
+    for name in available_objectives():
+        params = objective_parameters(type(build_objective(name)))
+        assert {"entropy_top_quantile", "off_policy_mask", "mask_truncated"} <= set(params), name
+    obj = build_objective("archer", entropy_top_quantile=0.5, kl_knowledge=0.0)
+    assert obj.step_needs == {"entropy"} and "entropy" in obj.needs
+    b = random_batch(24)
+    b.entropy = torch.rand(b.mask.shape, dtype=D)
+    stats = obj.step_statistics(_detached(b), Reducer())
+    assert ENTROPY_KEEP in stats and "tau" in stats
+    out = obj(fresh(b))
+    assert 0 < out.metrics["kept_frac"] < 1
+    with pytest.raises(ConfigError, match="entropy_top_quantile"):
+        build_objective("gpg", entropy_top_quantile=1.5)
+    with pytest.raises(ConfigError, match="off_policy_mask"):
+        build_objective("gpg", off_policy_mask=-1.0)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("cispo", {"eps_high": 0.28}), ("cispo", {"eps_low": 2.0}), ("sapo", {"tau_pos": 0.0}),
+    ("sapo", {"level": "word"}), ("vespo", {"k_pos": -1.0}), ("luspo", {"level": "token"}),
+    ("gmpo", {"eps_low": -0.1}), ("clip_cov", {"clip_cov_ratio": 0.0}), ("clip_cov", {"clip_cov_lb": 6.0}),
+    ("kl_cov", {"kl_cov_ratio": 2.0}), ("gpg", {"eps": 0.2}),
+])
+def test_bad_settings_raise(name, bad):
+    with pytest.raises(ConfigError):
+        build_objective(name, **bad)
