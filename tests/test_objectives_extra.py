@@ -126,7 +126,7 @@ def test_ratio_clip_and_delta_equal_trl(loss_type, delta):
 
 def test_cispo_equals_trl():
     batch = random_batch(2, scale=0.8)
-    assert_same(ours("cispo", batch, eps_high=1.3), trl_loss("cispo", batch, epsilon_high=1.3))
+    assert_same(ours("cispo", batch, eps_high=0.3), trl_loss("cispo", batch, epsilon_high=1.3))  # cap 1 + eps_high
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
@@ -182,13 +182,13 @@ def hand_batch(log_ratios, adv, mask=None, logprobs=None, **extra) -> PolicyBatc
 
 
 def test_cispo_hand_values_and_reinforce_limits():
-    # rho = [2, 0.5, 1.2], A = [1, -1, 2], eps_high = 1.5: w = [1.5, 0.5, 1.2]; L = -w A logp, dL/dlogp = -w A / 3
+    # rho = [2, 0.5, 1.2], A = [1, -1, 2], eps_high = 0.5 (cap 1.5): w = [1.5, 0.5, 1.2]; L = -w A logp, dL/dlogp = -w A / 3
     b = hand_batch([[math.log(2.0), math.log(0.5), math.log(1.2)]], [[1.0, -1.0, 2.0]], logprobs=[[-0.5, -1.0, -2.0]])
-    loss, grad, m = ours("cispo", b, eps_high=1.5)
+    loss, grad, m = ours("cispo", b, eps_high=0.5)
     assert loss.item() == pytest.approx(-(1.5 * -0.5 + 0.5 * 1.0 + 1.2 * 2 * -2.0) / 3, rel=1e-12)
     torch.testing.assert_close(grad, torch.tensor([[-1.5, 0.5, -2.4]], dtype=D) / 3)
     assert m["clip_frac_high"].item() == pytest.approx(1 / 3)
-    loss, grad, _ = ours("cispo", b, eps_high=1.5, eps_low=0.2)  # 0.5 raised to 0.8
+    loss, grad, _ = ours("cispo", b, eps_high=0.5, eps_low=0.2)  # 0.5 raised to 0.8
     torch.testing.assert_close(grad, torch.tensor([[-1.5, 0.8, -2.4]], dtype=D) / 3)
     # no clipping binds: the unclipped ratio gradient -rho A, and at rho = 1 REINFORCE (gpg)
     torch.testing.assert_close(ours("cispo", b, eps_high=1e6)[1],
@@ -426,7 +426,7 @@ def test_filters_are_settings_of_every_objective_and_archer_gets_filter_statisti
 
 
 @pytest.mark.parametrize("name, bad", [
-    ("cispo", {"eps_high": 0.28}), ("cispo", {"eps_low": 2.0}), ("sapo", {"tau_pos": 0.0}),
+    ("cispo", {"eps_high": -0.5}), ("cispo", {"eps_low": 2.0}), ("sapo", {"tau_pos": 0.0}),
     ("sapo", {"level": "word"}), ("vespo", {"k_pos": -1.0}), ("luspo", {"level": "token"}),
     ("gmpo", {"eps_low": -0.1}), ("clip_cov", {"clip_cov_ratio": 0.0}), ("clip_cov", {"clip_cov_lb": 6.0}),
     ("kl_cov", {"kl_cov_ratio": 2.0}), ("gpg", {"eps": 0.2}),

@@ -114,6 +114,14 @@ def test_learning_toy_task_raises_reward(tmp_path):
     ("archer", "objective/reasoning_frac"),
     ("pspo", "objective/smoothed_ratio_mean"),
     ("ratio_clip", "objective/clip_frac_high"),
+    ("cispo", "objective/is_weight_mean"),
+    ("sapo", "objective/gate_weight_mean"),
+    ("vespo", "objective/phi_mean"),
+    ("luspo", "objective/clip_frac_high"),
+    ("gmpo", "objective/seq_ratio_mean"),
+    ("clip_cov", "objective/cov_clip_frac"),
+    ("kl_cov", "objective/cov_kl_frac"),
+    ("gpg", "objective/logprob_mean"),
 ])
 def test_each_objective_trains_three_steps_with_mu2(tmp_path, objective, metric):
     cfg = tiny_config(tmp_path, f"objective.name={objective}", "max_steps=3", "train.num_iterations=2")
