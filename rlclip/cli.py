@@ -67,10 +67,14 @@ def train_main(argv: list[str]) -> int:
 
 
 def preflight(config) -> list[dict]:
-    """Cheap checks before any model loads: the model paths exist and are complete; the data loads."""
+    """Cheap checks before any model loads: reward functions import, the model paths exist and are
+    complete, the data loads (its records are returned for the trainer)."""
     from rlclip.data import load_records
     from rlclip.modeling import check_model_source
+    from rlclip.rewards import resolve_reward_func
 
+    for spec in config.reward.funcs:
+        resolve_reward_func(spec.name, spec.kwargs)
     check_model_source(config.model.name_or_path, config.model.gguf_file, what="model.name_or_path")
     if config.critic.name_or_path:
         check_model_source(config.critic.name_or_path, what="critic.name_or_path")

@@ -221,8 +221,34 @@ class TrainConfig:
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """One line from an OmegaConf error: the key, the bad value and the fix."""
+    import re
+
+    from omegaconf.errors import ConfigKeyError
+
     first = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
     key = getattr(err, "full_key", None)
+    if isinstance(err, ConfigKeyError) and key and " not in " in first:
+        guess = re.search(r"Did you mean: '([^']+)'", first)
+        parent = key.rpartition(".")[0]
+        hint = f"did you mean {parent + '.' if parent else ''}{guess.group(1)}?" if guess else \
+            "check the spelling against the fields listed in rlclip/config.py"
+        return f"unknown key {key}; {hint}"
+    converted = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first)
+    if converted and key:
+        wanted = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(
+            converted.group(2), converted.group(2))
+        return f"{key} must be {wanted}, got {converted.group(1)!r}; fix it in the recipe or with --{key} VALUE"
+    if "is not a valid bool" in first and key:
+        return f"{key} must be true or false, got {getattr(err, 'value', None)!r}; fix it in the recipe or with " \
+               f"--{key} true"
+    section = re.match(r"Merge error: (\w+) is not a subclass of (\w+)\. value: (.*)", first)
+    if section:
+        name = next((f.name for f in dataclasses.fields(TrainConfig) if f.type == section.group(2)), "section")
+        return (f"{name} is a section, got the {section.group(1)} {section.group(3)!r}; give its keys, "
+                f"e.g. '{name}: {{key: value}}' in the recipe or --{name}.key VALUE")
+    if "AnyNode is not a ListConfig" in first and key:
+        return f"{key} must be a list, got {getattr(err, 'value', None)!r}; write --{key}='[a, b]'"
     return f"{key}: {first}" if key else first
 
 
@@ -246,16 +272,56 @@ def parse_overrides(args: list[str]) -> list[str]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Recipe YAML (optional) + dotlist overrides, typed and validated."""
-    overrides = overrides or []
+    """Recipe YAML (optional) + dotlist overrides, typed and validated.
+
+    Bad input raises ConfigError naming the file (with line and column for YAML
+    syntax and encoding errors), the key, the bad value and the fix.
+    """
+    import yaml
+
+    # ``--imports my.py`` (one file, no brackets) means a one-element list.
+    overrides = [f"imports=[{o[8:]}]" if o.startswith("imports=") and not o[8:].lstrip().startswith("[") else o
+                 for o in overrides or []]
+    recipe = OmegaConf.create()
+    if path is not None:
+        where = f"recipe {path}"
+        try:
+            raw = Path(path).read_bytes()
+            text = raw.decode("utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(f"{where} does not exist; pass --config path/to/recipe.yaml") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{where} is a directory; pass the YAML file, e.g. --config recipes/smoke/tiny.yaml") from None
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{where} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}); "
+                              "save it as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read {where} ({err.strerror}); check the path and its permissions") from None
+        try:
+            recipe = OmegaConf.create(text) if text.strip() else OmegaConf.create()
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+            raise ConfigError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML there (indentation with "
+                              "spaces, ': ' after keys, matching brackets and quotes)") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {_omegaconf_message(err)}") from None
+        if not OmegaConf.is_dict(recipe):
+            raise ConfigError(f"{where} must be a mapping of sections (model:, data:, ...), not a list; "
+                              "see recipes/smoke/tiny.yaml")
+        if isinstance(recipe.get("imports"), str):
+            recipe.imports = [recipe.imports]
     try:
-        merged = OmegaConf.structured(TrainConfig)
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"recipe {path} does not exist; pass --config path/to/recipe.yaml")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), recipe)
         recipe_objective = dict(merged.objective)
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        for item in overrides:
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                                  "quote it, e.g. --key='[1, 2]'") from None
         config: TrainConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: {_omegaconf_message(err)}") from None
@@ -270,8 +336,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def import_user_modules(names: list[str]) -> None:
-    """Import modules (dotted names or ``.py`` paths) so their registrations take effect."""
-    for name in names:
+    """Import modules (dotted names or ``.py`` paths) so their registrations take effect.
+
+    A file or module that is not there raises ConfigError; an exception raised by
+    the user's code while it is imported raises UserCodeError naming its file and line.
+    """
+    from rlclip.errors import RlclipError, UserCodeError, describe_user_exception
+
+    for name in [names] if isinstance(names, str) else names:
         try:
             if name.endswith(".py"):
                 path = Path(name)
@@ -282,11 +354,26 @@ def import_user_modules(names: list[str]) -> None:
                     continue
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[spec.name] = module
-                spec.loader.exec_module(module)
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[spec.name]
+                    raise
             else:
                 importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"imports: cannot import {name!r} ({err}); check the module is on the Python path") from None
+        except RlclipError:
+            raise
+        except ModuleNotFoundError as err:
+            if err.name and (name == err.name or name.startswith(err.name + ".")):
+                raise ConfigError(f"imports: cannot import {name!r} ({err}); check the module is on the "
+                                  "Python path, or give a .py file") from None
+            raise UserCodeError(describe_user_exception(f"imports: {name}", err) + "; fix the import or "
+                                "install the missing package") from err
+        except SyntaxError as err:
+            raise UserCodeError(f"imports: {name} has a syntax error at {err.filename}:{err.lineno}: {err.msg}; "
+                                "fix the file") from err
+        except Exception as err:
+            raise UserCodeError(describe_user_exception(f"imports: {name}", err) + "; fix the code there") from err
 
 
 def _switch_objective(recipe: dict[str, Any], merged: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

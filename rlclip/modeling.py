@@ -280,7 +280,7 @@ def _check_hub_model(name: str, what: str) -> None:
     if isinstance(cached, str):
         return
     local = f"{what} {name!r} is not a local directory and not in the Hugging Face cache"
-    fix = f"pass a local model directory ({_SAVED_MODEL})"
+    fix = "pass a local model directory saved with save_pretrained"
     if hub_offline():
         raise ConfigError(f"{local}, and the hub is offline (HF_HUB_OFFLINE=1); {fix}, or unset HF_HUB_OFFLINE")
     if not hub_reachable():

@@ -33,7 +33,7 @@ def assert_one_line_error(proc, *needles):
     (["--objective.name", "nope"], ["unknown objective 'nope'", "ratio_clip"]),
     (["--objective.eps_hgih", "0.3"], ["no setting eps_hgih", "eps_high"]),
     (["--trian.learning_rate", "1"], ["trian"]),
-    (["--max_steps", "many"], ["max_steps", "Integer"]),
+    (["--max_steps", "many"], ["max_steps must be an integer", "'many'"]),
     (["--max_steps", "-3"], ["max_steps must be >= 1", "-3"]),
     (["--data.limit", "0"], ["is empty"]),
     (["--train.mini_batches", "3"], ["mini_batches=3 does not divide"]),
@@ -50,8 +50,41 @@ def test_config_errors(tmp_path, overrides, needles):
 
 def test_missing_recipe_and_unknown_command(tmp_path):
     assert_one_line_error(rlclip("train", "--config", str(tmp_path / "no.yaml")), "does not exist")
-    proc = rlclip("trian")
-    assert proc.returncode == 2 and "unknown command" in proc.stderr
+    assert_one_line_error(rlclip("trian"), "unknown command 'trian'", "did you mean train?")
+
+
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_debug_shows_the_traceback(tmp_path, position):
+    args = ["train", "--config", str(tmp_path / "no.yaml")]
+    proc = rlclip(*(["--debug", *args] if position == "first" else [*args, "--debug"]))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("rlclip train: error: recipe")
+
+
+def test_keyboard_interrupt_before_training(monkeypatch, capsys):
+    import rlclip.config
+    from rlclip.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlclip.config, "load_config", interrupted)
+    assert main(["train", "--config", RECIPE]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rlclip train: error: interrupted"), err
+
+
+def test_imports_scalar_is_a_list(tmp_path):
+    from rlclip.config import load_config
+
+    (tmp_path / "my_pg.py").write_text(
+        "from rlclip.objectives import Objective, register_objective\n"
+        "@register_objective('scalar_import_pg')\n"
+        "class PG(Objective):\n"
+        "    def surrogate(self, batch):\n"
+        "        return -batch.advantages * batch.logprobs, {}\n")
+    config = load_config(RECIPE, [f"imports={tmp_path}/my_pg.py", "objective.name=scalar_import_pg"])
+    assert config.imports == [f"{tmp_path}/my_pg.py"]
 
 
 REWARDS = textwrap.dedent("""
