@@ -19,13 +19,29 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)  # [N/G, G]
 
 
+def _masked_groups(groups: Tensor, scale: bool, eps: float) -> Tensor:
+    """GRPO over the scored members of each group (NaN = no score): those get 0, as do groups of < 2."""
+    scored = ~groups.isnan()  # [N/G, G]
+    n = scored.sum(-1, keepdim=True)  # [N/G, 1]
+    filled = groups.nan_to_num(0.0)
+    centred = torch.where(scored, filled - filled.sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    if scale:
+        std = (centred.square().sum(-1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+        centred = centred / (std + eps).clamp_min(torch.finfo(groups.dtype).tiny)
+    return torch.where(n >= 2, centred, 0.0)
+
+
 def grpo(rewards: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> Tensor:
     """GRPO (Shao et al. 2024, arXiv 2402.03300): A_i = (r_i - mean_g) / (std_g + eps).
 
     ``std`` is the unbiased sample standard deviation of the group (as TRL and
-    verl); ``scale=False`` gives Dr. GRPO.
+    verl); ``scale=False`` gives Dr. GRPO. A NaN reward means "no score": the
+    group statistics use the scored members only, unscored members get 0, and
+    a group with fewer than two scored members gets 0 everywhere (not NaN).
     """
     groups = _groups(rewards, group_size)  # [N/G, G]
+    if bool(groups.isnan().any()):
+        return _masked_groups(groups, scale, eps).reshape(-1)  # [N]
     centred = groups - groups.mean(-1, keepdim=True)
     if scale:
         # clamp: an all-equal group has centred == 0 and must stay 0 even with eps = 0
@@ -41,11 +57,15 @@ def dr_grpo(rewards: Tensor, group_size: int) -> Tensor:
 def rloo(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): A_i = r_i - mean of the other G - 1 rewards.
 
-    Equal to G / (G - 1) * (r_i - mean_g).
+    Equal to G / (G - 1) * (r_i - mean_g). NaN rewards (no score) are left
+    out of the baseline and get 0, as does a group with fewer than two scored members.
     """
     if group_size < 2:
         raise ConfigError("rloo needs rollout.group_size >= 2 (a leave-one-out baseline needs two samples)")
     groups = _groups(rewards, group_size)  # [N/G, G]
+    if bool(groups.isnan().any()):
+        n = (~groups.isnan()).sum(-1, keepdim=True)  # [N/G, 1]
+        return (n / (n - 1).clamp_min(1) * _masked_groups(groups, False, 0.0)).reshape(-1)  # [N]
     others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).reshape(-1)  # [N]
 

@@ -76,6 +76,10 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     top_k: int = 0
     """Top-k sampling (0 disables)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens; None: the model's context length minus max_new_tokens."""
+    prompt_overflow: str = "truncate_left"
+    """A longer prompt is ``truncate_left`` (keep its end) or ``reject`` (dropped from the data set at start); both are counted."""
 
 
 @dataclass
@@ -92,6 +96,8 @@ class RewardFuncConfig:
 class RewardConfig:
     funcs: list[RewardFuncConfig] = field(default_factory=lambda: [RewardFuncConfig()])
     """Reward functions, summed with their weights."""
+    on_error: str = "raise"
+    """A reward function that raises or returns NaN/inf: ``raise`` (one-line error naming it) or ``skip`` (mask the completion out, count it in reward/errors)."""
 
 
 @dataclass
@@ -153,7 +159,11 @@ class TrainingConfig:
     warmup_steps: int = 0
     """Linear warm-up steps."""
     max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
+    """Clip the global gradient norm to this (0 disables); an alias of grad_clip {name: norm, max_norm: ...}."""
+    grad_clip: dict[str, Any] | None = None
+    """Gradient clipper: ``{name: norm|autoclip|zclip|adagc, ...settings}`` (docs/grad_clipping.md); None: norm at max_grad_norm."""
+    max_consecutive_skips: int = 3
+    """Stop with an error after this many optimizer steps in a row were skipped for a non-finite loss or gradient (0: never)."""
     logprob_chunk_size: int = 1024
     """Positions per chunk when turning hidden states into log-probs."""
 
@@ -195,7 +205,11 @@ class TrainConfig:
     save_steps: int = 0
     """Save a checkpoint every this many optimizer steps (at the end of that rollout); 0 only at the end."""
     resume_from_checkpoint: str | None = None
-    """``latest`` or a checkpoint directory to resume from."""
+    """``latest`` or a checkpoint directory to resume from (``latest`` falls back to the newest one that loads)."""
+    keep_last: int | None = None
+    """Keep only the newest N checkpoints; None keeps all."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted); otherwise refused."""
     imports: list[str] = field(default_factory=list)
     """Python modules or ``.py`` files imported first, e.g. to register a custom objective."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -398,6 +412,16 @@ def validate(config: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express; raises ConfigError."""
     _positive(config.max_steps, "max_steps")
     _positive(config.save_steps, "save_steps", allow_zero=True)
+    if config.keep_last is not None:
+        _positive(config.keep_last, "keep_last")
+    _positive(config.train.max_consecutive_skips, "train.max_consecutive_skips", allow_zero=True)
+    if config.rollout.max_prompt_length is not None:
+        _positive(config.rollout.max_prompt_length, "rollout.max_prompt_length")
+    if config.rollout.prompt_overflow not in ("truncate_left", "reject"):
+        raise ConfigError(f"unknown rollout.prompt_overflow {config.rollout.prompt_overflow!r}; "
+                          "choose truncate_left or reject")
+    if config.reward.on_error not in ("raise", "skip"):
+        raise ConfigError(f"unknown reward.on_error {config.reward.on_error!r}; choose raise or skip")
     for key in ("prompts_per_step", "group_size", "max_new_tokens"):
         _positive(getattr(config.rollout, key), f"rollout.{key}")
     _positive(config.rollout.temperature, "rollout.temperature", allow_zero=True)
@@ -432,6 +456,20 @@ def validate(config: TrainConfig) -> None:
     if not config.reward.funcs:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)
+    build_clipper_from_config(config)
+
+
+def build_clipper_from_config(config: TrainConfig):
+    """The gradient clipper of ``train.grad_clip`` (default: norm clipping at ``train.max_grad_norm``)."""
+    from rlclip.grad_clip import build_clipper
+
+    settings = dict(config.train.grad_clip or {"name": "norm"})
+    name = settings.pop("name", None)
+    if not name:
+        raise ConfigError("train.grad_clip.name is missing; e.g. train: {grad_clip: {name: zclip}}")
+    if name == "norm":
+        settings.setdefault("max_norm", config.train.max_grad_norm)
+    return build_clipper(name, **settings)
 
 
 def build_objective_from_config(config: TrainConfig):

@@ -72,6 +72,7 @@ def train_one(config: TrainConfig, objective: str, train: list[dict], test: list
     config = copy.deepcopy(config)
     config.objective = {"name": objective}
     config.output_dir = str(out_dir / objective)
+    config.overwrite_output_dir = True  # the demo owns runs/demo/<objective>: a rerun replaces it
     start = time.perf_counter()
     trainer = Trainer(config, train_dataset=train)
     history = trainer.train()

@@ -17,6 +17,10 @@ class RewardError(RlclipError, ValueError):
     """A reward function returned something the trainer cannot use."""
 
 
+class ObjectiveError(RlclipError, ValueError):
+    """An objective broke its output contract (e.g. a per-token loss of the wrong shape)."""
+
+
 class TrainingError(RlclipError, RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite steps); the last checkpoint is intact."""
 

@@ -22,6 +22,7 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    max_prompt_length: int | None = None
 
 
 def prompt_texts(prompts: list[Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -65,8 +66,15 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
     prompts = [r["prompt"] for r in records]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompt_texts(prompts, tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids = enc["input_ids"].repeat_interleave(group, dim=0).to(device)  # [B, P]
-    prompt_mask = enc["attention_mask"].repeat_interleave(group, dim=0).to(device)  # [B, P]
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]  # [n, P]
+    overflow = 0
+    if settings.max_prompt_length is not None and input_ids.shape[1] > settings.max_prompt_length:
+        # left padding: the last columns hold every prompt's end, so this cuts long prompts from the left
+        overflow = int((attention_mask.sum(-1) > settings.max_prompt_length).sum())
+        input_ids = input_ids[:, -settings.max_prompt_length:]
+        attention_mask = attention_mask[:, -settings.max_prompt_length:]
+    prompt_ids = input_ids.repeat_interleave(group, dim=0).to(device)  # [B, P]
+    prompt_mask = attention_mask.repeat_interleave(group, dim=0).to(device)  # [B, P]
     stop_ids = eos_ids(model, tokenizer)
     greedy = settings.temperature == 0
     sequences = model.generate(
@@ -86,4 +94,37 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, truncated=truncated,
         prompts=[p for p in prompts for _ in range(group)], completions=completions, columns=columns,
+        prompts_truncated=overflow,
     )
+
+
+def limit_prompts(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, model_config: Any,
+                  rollout: Any, say: Any) -> tuple[int | None, list[dict[str, Any]]]:
+    """The prompt-length limit, and the records kept under it.
+
+    The limit is ``rollout.max_prompt_length`` or the model's context length
+    minus ``max_new_tokens``. ``prompt_overflow="reject"`` drops longer
+    prompts here, once, and says how many; ``truncate_left`` keeps them and
+    each rollout cuts them from the left (counted in ``rollout/prompts_truncated``).
+    """
+    from rlclip.errors import ConfigError
+
+    limit = rollout.max_prompt_length
+    context = getattr(model_config, "max_position_embeddings", None)
+    if limit is None and context:
+        limit = context - rollout.max_new_tokens
+        if limit < 1:
+            raise ConfigError(f"rollout.max_new_tokens={rollout.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {context} tokens; lower rollout.max_new_tokens")
+    if limit is None or rollout.prompt_overflow != "reject":
+        return limit, records
+    texts = prompt_texts([r["prompt"] for r in records], tokenizer)
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = [r for r, n in zip(records, lengths) if n <= limit]
+    if not kept:
+        raise ConfigError(f"every prompt is longer than rollout.max_prompt_length={limit} tokens; raise it or set "
+                          "rollout.prompt_overflow: truncate_left")
+    if len(kept) < len(records):
+        say(f"rejected {len(records) - len(kept)} of {len(records)} prompts longer than {limit} tokens "
+            "(rollout.prompt_overflow: reject)")
+    return limit, kept

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,27 @@ from transformers import get_scheduler
 from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
-from rlclip.config import TrainConfig, build_objective_from_config, to_yaml
+from rlclip.checkpoint import Checkpointer, RunLock, check_output_dir, clear_previous_run, truncate_metrics
+from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
 from rlclip.errors import ConfigError
+from rlclip.guard import NonFiniteGuard
+from rlclip.interrupt import StopRequest
 from rlclip.modeling import load_model, load_model_and_tokenizer
 from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import compute_rewards, resolve_reward_func
-from rlclip.rollout import SamplingSettings, sample_completions
+from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
 from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
-from rlclip.utils import MetricAccumulator, all_reduce, find_checkpoint, global_moments, split_indices
+from rlclip.utils import (
+    MetricAccumulator,
+    ProcessReducer,
+    all_reduce,
+    global_moments,
+    rows_of,
+    split_indices,
+)
 
 
 class Trainer:
@@ -56,11 +68,16 @@ class Trainer:
     def __init__(self, config: TrainConfig, reward_funcs: Sequence[Callable[..., Any]] | None = None,
                  reward_weights: Sequence[float] | None = None, train_dataset: Any = None) -> None:
         self.config = config
+        self.output_dir = Path(config.output_dir)
         report_to = None if config.logging.report_to == "none" else config.logging.report_to
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to,
                                        project_dir=config.output_dir)
+        self.lock = self._claim_output_dir()  # before anything heavy: a bad output_dir fails in a second
         set_seed(config.seed)
         self.objective = build_objective_from_config(config)
+        self.clipper = build_clipper_from_config(config)
+        self.guard = NonFiniteGuard(self.accelerator, config.train.max_consecutive_skips)
+        self.stop = StopRequest()
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
@@ -68,6 +85,8 @@ class Trainer:
             config.model.name_or_path, config.model.dtype, config.model.gguf_file,
             config.model.trust_remote_code, config.model.attn_implementation)
         self._base_path = model.name_or_path
+        self.max_prompt_length, self.records = limit_prompts(self.records, self.tokenizer, model.config,
+                                                             config.rollout, self._say)
         model = self._prepare_model(model)
         self.ref_model = self._reference_model()
         self.optimizer = self._optimizer(model)
@@ -82,7 +101,33 @@ class Trainer:
         set_seed(config.seed, device_specific=True)  # different samples on each process
         self.step = 0
         self.rollout_index = 0
-        self.output_dir = Path(config.output_dir)
+        self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
+        self.stopped_by: str | None = None  # the signal that stopped train() early
+        self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model)
+
+    def _claim_output_dir(self) -> RunLock | None:
+        """Refuse a file, an unwritable or used output_dir, and a second concurrent run (all processes agree)."""
+        cfg, acc = self.config, self.accelerator
+        check_output_dir(self.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
+        lock, error = None, None
+        if acc.is_main_process:
+            lock = RunLock(self.output_dir)
+            try:
+                lock.acquire()
+            except ConfigError as err:
+                error, lock = err, None
+            if lock is not None and cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+                clear_previous_run(self.output_dir)
+        failed = all_reduce(acc, torch.tensor(float(error is not None), device=acc.device), "max")
+        if bool(failed > 0):
+            raise error or ConfigError(f"output_dir {self.output_dir} is in use by another run; wait for it "
+                                       "to finish or choose another --output_dir")
+        return lock
+
+    def _say(self, message: str) -> None:
+        """A one-line notice on the main process (stderr, so it never mixes with results on stdout)."""
+        if self.accelerator.is_main_process:
+            tqdm.write(f"rlclip: {message}", file=sys.stderr)
 
     # ------------------------------------------------------------------ set-up
     def _reward_funcs(self, funcs: Sequence[Callable[..., Any]] | None,
@@ -153,7 +198,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
-        """Train for ``max_steps`` optimizer steps; returns the logged metrics."""
+        """Train for ``max_steps`` optimizer steps; returns the logged metrics.
+
+        SIGINT / SIGTERM stop after the current optimizer step with a
+        checkpoint (``self.stopped_by`` names the signal); a run that cannot
+        go on raises :class:`TrainingError` and leaves the last checkpoint intact.
+        """
+        try:
+            with self.stop:
+                return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> list[dict[str, Any]]:
         cfg, acc = self.config, self.accelerator
         self._resume()
         self._write_config()
@@ -162,12 +220,9 @@ class Trainer:
                    disable=not (acc.is_main_process and cfg.logging.progress_bar))
         while self.step < cfg.max_steps:
             start = time.perf_counter()
-            rollout = self.generate(self.next_prompts())
-            rollout_metrics = self.score(rollout)
-            self.record_behaviour(rollout)
-            rollout_metrics.update(self.estimate_advantages(rollout))
-            rollout_metrics["time/rollout_s"] = time.perf_counter() - start
-            for metrics in self.update(rollout):
+            rollout, rollout_metrics, done = self.pending or self.rollout()
+            self.pending = None
+            for metrics in self.update(rollout, skip=done):
                 metrics = {"step": self.step, **metrics, **rollout_metrics,
                            "time/step_s": time.perf_counter() - start}
                 start = time.perf_counter()
@@ -175,6 +230,10 @@ class Trainer:
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+                done += 1
+                if self.stop.requested(acc) and self.step < cfg.max_steps:
+                    bar.close()
+                    return self._stop_gracefully(rollout, rollout_metrics, done, history)
             self.rollout_index += 1
             if cfg.save_steps and self.step // cfg.save_steps > (self.step - self._steps_per_rollout()) // cfg.save_steps:
                 self.save_checkpoint()
@@ -184,6 +243,32 @@ class Trainer:
             self.save_model(self.output_dir / "critic", self.critic)
         for tracker in acc.trackers:  # not end_training(): it would tear down the process group
             tracker.finish()
+        return history
+
+    def rollout(self) -> tuple[RolloutBatch, dict[str, float], int]:
+        """rollout -> reward -> behaviour log-probs -> advantage: a scored batch and its metrics."""
+        start = time.perf_counter()
+        rollout = self.generate(self.next_prompts())
+        metrics = self.score(rollout)
+        metrics["rollout/prompts_truncated"] = all_reduce(
+            self.accelerator, torch.tensor(float(rollout.prompts_truncated), device=self.accelerator.device), "sum").item()
+        metrics.update(self.record_behaviour(rollout))
+        metrics.update(self.estimate_advantages(rollout))
+        metrics["time/rollout_s"] = time.perf_counter() - start
+        return rollout, metrics, 0
+
+    def _stop_gracefully(self, rollout: RolloutBatch, rollout_metrics: dict[str, float], done: int,
+                         history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Save a checkpoint (with the unfinished rollout, so a resume is exact) and say how to resume."""
+        if done >= self._steps_per_rollout():
+            self.rollout_index += 1
+            self.pending = None
+        else:
+            self.pending = (rollout, rollout_metrics, done)
+        path = self.save_checkpoint()
+        self.stopped_by = self.stop.signal_name or "a signal on another process"
+        self._say(f"stopped by {self.stopped_by} after step {self.step}; checkpoint saved to {path}. Resume with "
+                  f"the same command plus --resume_from_checkpoint latest")
         return history
 
     def next_prompts(self) -> list[dict[str, Any]]:
@@ -204,7 +289,8 @@ class Trainer:
     def generate(self, records: list[dict[str, Any]]) -> RolloutBatch:
         """Rollout: G completions per prompt from the current policy."""
         r = self.config.rollout
-        settings = SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        settings = SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
+                                    self.max_prompt_length)
         with unwrap_model_for_generation(self.model, self.accelerator) as policy:
             policy.eval()
             rollout = sample_completions(policy, self.tokenizer, records, settings, self.accelerator.device)
@@ -216,20 +302,29 @@ class Trainer:
         acc, r = self.accelerator, self.config.rollout
         ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
         rewards, reward_metrics = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
-                                                  rollout.completions, rollout.columns, completion_ids=ids)
-        rollout.rewards = rewards.to(acc.device)  # [N]
+                                                  rollout.completions, rollout.columns, self.config.reward.on_error,
+                                                  completion_ids=ids)
+        rollout.rewards = rewards.to(acc.device)  # [N], NaN: no score (masked out of the loss below)
         all_rewards = acc.gather(rollout.rewards)  # [N * processes]
         lengths = acc.gather(rollout.completion_mask.sum(-1).float())
         truncated = acc.gather(rollout.truncated.float())
+        scored = ~all_rewards.isnan()
         group_std = all_rewards.view(-1, r.group_size).std(-1) if r.group_size > 1 else torch.zeros(1)
+        counts = {k: reward_metrics.pop(k) for k in ("reward/errors", "reward/unscored")}
         metrics = {k: all_reduce(acc, torch.tensor(v, device=acc.device), "mean").item()
                    for k, v in reward_metrics.items()}
+        metrics.update({k: all_reduce(acc, torch.tensor(v, device=acc.device), "sum").item() for k, v in counts.items()})
         metrics.update({
-            "reward/mean": all_rewards.mean().item(),
-            "reward/std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
-            "reward/zero_std_frac": (group_std == 0).float().mean().item(),
+            "reward/mean": all_rewards[scored].mean().item() if bool(scored.any()) else 0.0,
+            "reward/std": all_rewards[scored].std().item() if int(scored.sum()) > 1 else 0.0,
+            "reward/zero_std_frac": (group_std.nan_to_num(0.0) == 0).float().mean().item(),
             "completions/mean_length": lengths.mean().item(), "completions/truncated_frac": truncated.mean().item(),
         })
+        if not bool(scored.any()):
+            self._say(f"rollout {self.rollout_index}: no completion got a reward (every reward function returned "
+                      "None or failed); nothing is learned from it")
+        unscored = rollout.rewards.isnan()  # [N]
+        rollout.completion_mask = rollout.completion_mask * (~unscored).unsqueeze(1).to(rollout.completion_mask.dtype)
         return metrics
 
     def estimate_advantages(self, rollout: RolloutBatch) -> dict[str, float]:
@@ -253,7 +348,7 @@ class Trainer:
                 "critic/explained_variance": float(explained_variance(ret_var, residual_var))}
 
     @torch.no_grad()
-    def record_behaviour(self, rollout: RolloutBatch) -> None:
+    def record_behaviour(self, rollout: RolloutBatch) -> dict[str, float]:
         """No-grad passes after generation: behaviour log-probs (and sparse support), reference log-probs."""
         cfg = self.config.train
         needs = self.objective.needs
@@ -278,6 +373,23 @@ class Trainer:
         rollout.ref_logprobs = torch.cat(ref) if ref else None
         if "support" in needs:
             rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
+        return self._mask_nonfinite(rollout)
+
+    def _mask_nonfinite(self, rollout: RolloutBatch) -> dict[str, float]:
+        """Tokens whose behaviour, reference or value estimates are not finite do not count; they are counted."""
+        mask = rollout.completion_mask.bool()  # [N, T]
+        bad = torch.zeros_like(mask)
+        for values in (rollout.old_logprobs, rollout.ref_logprobs, rollout.old_values):
+            if values is not None:
+                bad |= ~torch.isfinite(values) & mask
+        count = all_reduce(self.accelerator, bad.sum().double(), "sum").item()
+        if count:
+            rollout.completion_mask = rollout.completion_mask.masked_fill(bad, 0)
+            for name in ("old_logprobs", "ref_logprobs", "old_values"):
+                values = getattr(rollout, name)
+                if values is not None:  # finite placeholders: masked tokens must not turn sums into NaN
+                    setattr(rollout, name, values.masked_fill(bad, 0.0))
+        return {"behaviour/nonfinite_tokens": count}
 
     def _reference_logprobs(self, micro: RolloutBatch) -> Tensor:
         if self.ref_model is not None:
@@ -299,14 +411,22 @@ class Trainer:
     def _steps_per_rollout(self) -> int:
         return self.config.train.num_iterations * self.config.train.mini_batches
 
-    def update(self, rollout: RolloutBatch) -> Iterator[dict[str, float]]:
-        """``num_iterations`` shuffled passes of ``mini_batches`` optimizer steps over the rollout."""
+    def update(self, rollout: RolloutBatch, skip: int = 0) -> Iterator[dict[str, float]]:
+        """``num_iterations`` shuffled passes of ``mini_batches`` optimizer steps over the rollout.
+
+        ``skip``: optimizer steps of this rollout already taken (a resumed, interrupted rollout); the
+        shuffles are replayed so the remaining steps see the same mini-batches.
+        """
         cfg = self.config.train
         size = len(rollout) // cfg.mini_batches
         generator = torch.Generator().manual_seed(self.config.seed * 100003 + self.rollout_index)
+        position = 0
         for _ in range(cfg.num_iterations):
             order = torch.randperm(len(rollout), generator=generator)
             for k in range(cfg.mini_batches):
+                position += 1
+                if position <= skip:
+                    continue
                 yield self.optimizer_step(rollout.select(order[k * size:(k + 1) * size]))
                 if self.step >= self.config.max_steps:
                     return
@@ -316,17 +436,22 @@ class Trainer:
         acc, cfg = self.accelerator, self.config.train
         mask = mini_batch.completion_mask
         counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=acc.device)
-        num_tokens, num_sequences = all_reduce(acc, counts, "sum")
+        # clamped: a step whose tokens are all masked (no reward anywhere) has a zero loss, not 0 / 0
+        num_tokens, num_sequences = all_reduce(acc, counts, "sum").clamp_min(1)
         train_policy = self.critic is None or self.step >= self.config.critic.warmup_steps
         policy_metrics, critic_metrics = MetricAccumulator(), MetricAccumulator("critic", "critic/value_loss")
         chunks = split_indices(len(mini_batch), cfg.micro_batch_size)
+        step_stats = self.step_statistics(mini_batch, chunks, num_tokens, num_sequences) if train_policy else None
         for i, idx in enumerate(chunks):
             micro = mini_batch.select(idx)
             weight = float(micro.completion_mask.sum())
             with self._no_sync(last=i == len(chunks) - 1):
                 # DDP averages gradients over processes; each loss is already a share of the global mean.
                 if train_policy:
-                    out = self.objective(self.policy_batch(micro, num_tokens, num_sequences))
+                    batch = self.policy_batch(micro, num_tokens, num_sequences)
+                    batch.step_stats = rows_of(step_stats, idx, len(mini_batch)) if step_stats else \
+                        self._own_step_statistics(batch, single=len(chunks) == 1)
+                    out = self.objective(batch)
                     acc.backward(out.loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
@@ -334,18 +459,63 @@ class Trainer:
                     acc.backward(value_out.loss * self.config.critic.vf_coef * acc.num_processes)
                     critic_metrics.add(value_out, weight)
         result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)
-        if train_policy:
-            result["optim/grad_norm"] = self._clip_gradients(self.model, cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.critic is not None:
-            result["critic/grad_norm"] = self._clip_gradients(self.critic, self.config.critic.max_grad_norm)
-            self.critic_optimizer.step()
-            self.critic_optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        result.update(self._apply_gradients(train_policy, policy_metrics.loss, critic_metrics.loss))
         result["optim/lr"] = self.scheduler.get_last_lr()[0]
         return result
+
+    def _apply_gradients(self, train_policy: bool, policy_loss: float, critic_loss: float) -> dict[str, float]:
+        """Non-finite guard -> gradient clipper -> optimizer steps; a non-finite step changes nothing."""
+        policy_params = [p for p in self.model.parameters() if p.requires_grad] if train_policy else []
+        norm = self.clipper.measure(policy_params) if train_policy else torch.zeros(())
+        critic_norm = self._critic_grad_norm() if self.critic is not None else torch.zeros(())
+        take = self.guard.take_step(self.step, policy_loss, critic_loss, norm, critic_norm)
+        result = {"optim/skipped_steps": float(self.guard.skipped)}
+        if train_policy and take:
+            result.update(self.clipper.apply(policy_params, norm))
+            result["optim/grad_norm"] = result["grad/norm_pre"]
+            self.optimizer.step()
+            self.scheduler.step()
+        elif train_policy:
+            result.update({"optim/grad_norm": float(norm), "grad/norm_pre": float(norm)})
+        if self.critic is not None:
+            result["critic/grad_norm"] = float(critic_norm)
+            if take:
+                self._clip_critic(critic_norm)
+                self.critic_optimizer.step()
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+    def step_statistics(self, mini_batch: RolloutBatch, chunks: list[Tensor], num_tokens: Tensor,
+                        num_sequences: Tensor) -> dict[str, Tensor] | None:
+        """The objective's step statistics from a no-grad pass over the whole mini-batch.
+
+        Only needed with several micro-batches: a single micro-batch computes
+        them from its own forward pass (``_own_step_statistics``).
+        """
+        step_needs = self.objective.step_needs
+        if not step_needs or len(chunks) == 1:
+            return None
+        with torch.no_grad():
+            parts = [self._logprobs(self.model, mini_batch.select(idx), need_entropy="entropy" in step_needs)
+                     for idx in chunks]
+        logprobs = torch.cat([p["logprobs"] for p in parts])  # [b, T]
+        batch = PolicyBatch(
+            logprobs=logprobs, old_logprobs=mini_batch.old_logprobs if mini_batch.old_logprobs is not None
+            else logprobs, advantages=mini_batch.advantages, mask=mini_batch.completion_mask.to(logprobs.dtype),
+            ref_logprobs=mini_batch.ref_logprobs, num_tokens=num_tokens, num_sequences=num_sequences,
+            entropy=torch.cat([p["entropy"] for p in parts]) if "entropy" in step_needs else None,
+            truncated=mini_batch.truncated)
+        return self.objective.step_statistics(batch, ProcessReducer(self.accelerator))
+
+    def _own_step_statistics(self, batch: PolicyBatch, single: bool) -> dict[str, Tensor] | None:
+        """With one micro-batch per process its own (detached) inputs give the step statistics."""
+        if not (single and self.objective.step_needs):
+            return None
+        detached = replace(batch, logprobs=batch.logprobs.detach(),
+                           entropy=None if batch.entropy is None else batch.entropy.detach())
+        return self.objective.step_statistics(detached, ProcessReducer(self.accelerator))
 
     def _no_sync(self, last: bool) -> ExitStack:
         """Skip DDP's gradient all-reduce on all but the last micro-batch (policy and critic)."""
@@ -369,7 +539,8 @@ class Trainer:
     def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor, num_sequences: Tensor) -> PolicyBatch:
         """One forward pass: what the objective declared it needs, and nothing else."""
         needs = self.objective.needs
-        stats = self._logprobs(self.model, micro, need_entropy="entropy" in needs, with_support="support" in needs)
+        need_entropy = "entropy" in needs or "entropy" in self.objective.step_needs
+        stats = self._logprobs(self.model, micro, need_entropy=need_entropy, with_support="support" in needs)
         logprobs = stats["logprobs"]  # [b, T]
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         return PolicyBatch(
@@ -377,15 +548,18 @@ class Trainer:
             mask=micro.completion_mask.to(logprobs.dtype), ref_logprobs=micro.ref_logprobs,
             entropy=stats.get("entropy"), support_logprobs=stats.get("support_logprobs"),
             old_support_logprobs=stats.get("old_support_logprobs"), support_mask=stats.get("support_mask"),
-            num_tokens=num_tokens, num_sequences=num_sequences,
+            num_tokens=num_tokens, num_sequences=num_sequences, truncated=micro.truncated,
         )
 
-    def _clip_gradients(self, model: torch.nn.Module, max_norm: float) -> float:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if max_norm > 0:
-            return float(self.accelerator.clip_grad_norm_(params, max_norm))
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+    def _critic_grad_norm(self) -> Tensor:
+        grads = [p.grad.detach() for p in self.critic.parameters() if p.requires_grad and p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def _clip_critic(self, norm: Tensor) -> None:
+        max_norm = self.config.critic.max_grad_norm
+        if max_norm > 0 and float(norm) > max_norm:
+            grads = [p.grad for p in self.critic.parameters() if p.requires_grad and p.grad is not None]
+            torch._foreach_mul_(grads, max_norm / (float(norm) + 1e-6))
 
     # ------------------------------------------------------------------ outputs
     def log(self, metrics: dict[str, Any]) -> None:
@@ -416,24 +590,40 @@ class Trainer:
             self.tokenizer.save_pretrained(directory)
 
     def save_checkpoint(self) -> Path:
-        """``checkpoint-N/``: the model, plus optimizer/scheduler/RNG state to resume from."""
-        path = self.output_dir / f"checkpoint-{self.step}"
-        self.save_model(path)
-        self.accelerator.save_state(str(path / "state"))
-        if self.accelerator.is_main_process:
-            state = {"step": self.step, "rollout_index": self.rollout_index}
-            (path / "trainer_state.json").write_text(json.dumps(state))
-        self.accelerator.wait_for_everyone()
-        return path
+        """``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper and guard state,
+        and an unfinished rollout when a signal cut it short."""
+        state = {"rollout_index": self.rollout_index, "guard": self.guard.state_dict(),
+                 "num_processes": self.accelerator.num_processes, "extras": ["clipper"]}
+        per_process = None
+        if self.pending is not None:
+            rollout, rollout_metrics, done = self.pending
+            state.update(update_position=done, extras=["clipper", "rollout"])
+            per_process = {"rollout": {"batch": rollout, "metrics": rollout_metrics}}
+        return self.checkpointer.save(self.step, state, {"clipper": self.clipper.state_dict()}, per_process)
 
     def _resume(self) -> None:
         target = self.config.resume_from_checkpoint
         if not target:
             return
-        path = find_checkpoint(self.output_dir, target)
-        self.accelerator.load_state(str(path / "state"))
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step, self.rollout_index = state["step"], state["rollout_index"]
+        path, state, read = self.checkpointer.load(target, self._say)
+        self.step, self.rollout_index = int(state["step"]), int(state["rollout_index"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        clipper_state = read("clipper")
+        if clipper_state is not None:
+            self.clipper.load_state_dict(clipper_state)
+        if "update_position" in state:
+            saved = read("rollout")
+            self.pending = (saved["batch"], saved["metrics"], int(state["update_position"]))
+        saved_world = state.get("num_processes", self.accelerator.num_processes)
+        if saved_world != self.accelerator.num_processes:
+            self._say(f"{path.name} was written by {saved_world} processes and resumes on "
+                      f"{self.accelerator.num_processes}: each rollout now has a different number of prompts")
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.output_dir, self.step)
+        left = self.config.max_steps - self.step
+        self._say(f"resumed from {path} at step {self.step}" +
+                  ("" if left > 0 else f"; max_steps={self.config.max_steps} is already reached, nothing to "
+                                       "train (raise --max_steps to continue)"))
 
 
 def _flat_scalars(config: TrainConfig) -> dict[str, Any]:

@@ -39,6 +39,11 @@ class PolicyBatch:
     """Global token count of the optimizer step (token-mean denominator)."""
     num_sequences: float | Tensor | None = None
     """Global sequence count of the optimizer step (sequence-mean denominator)."""
+    truncated: Tensor | None = None
+    """``[B]`` bool: the completion hit the length limit without EOS (for ``mask_truncated``)."""
+    step_stats: dict[str, Tensor] | None = None
+    """Statistics of the whole optimizer step from ``Objective.step_statistics`` (rows sliced to this
+    batch); None: the objective computes them from this batch alone."""
 
 
 @dataclass
@@ -86,6 +91,8 @@ class RolloutBatch:
     """``[B, T]`` value targets (PPO mode)."""
     old_support: dict[str, Tensor] | None = None
     """Old policy's sparse top set per token (``indices``, ``logprobs``, ``mask``)."""
+    prompts_truncated: int = 0
+    """Prompts of this rollout cut from the left to ``rollout.max_prompt_length``."""
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

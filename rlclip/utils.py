@@ -1,22 +1,24 @@
-"""Small helpers for the trainer: index splitting, metric reduction, checkpoints."""
+"""Small helpers for the trainer: index splitting, reductions across processes, metric reduction."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from torch import Tensor
 
-from rlclip.errors import ConfigError
+from rlclip.objectives.base import Reducer
 from rlclip.types import ObjectiveOutput
 
 
 def split_indices(n: int, size: int) -> list[Tensor]:
     """``[0, n)`` in consecutive chunks of at most ``size``."""
     return list(torch.arange(n).split(size))
+
+
+def rows_of(stats: dict[str, Tensor], index: Tensor, num_rows: int) -> dict[str, Tensor]:
+    """Step statistics for the rows ``index`` of a ``num_rows`` mini-batch: per-row tensors sliced, others whole."""
+    return {k: v[index.to(v.device)] if v.dim() > 0 and v.shape[0] == num_rows else v for k, v in stats.items()}
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
@@ -30,6 +32,36 @@ def all_reduce(accelerator: Accelerator, tensor: Tensor, op: str) -> Tensor:
         if op == "mean":
             tensor = tensor / accelerator.num_processes
     return tensor
+
+
+class ProcessReducer(Reducer):
+    """:class:`Reducer` over the processes of ``accelerator`` (for ``Objective.step_statistics``)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return all_reduce(self.accelerator, tensor, "sum")
+
+    def max(self, tensor: Tensor) -> Tensor:
+        return all_reduce(self.accelerator, tensor, "max")
+
+    def min(self, tensor: Tensor) -> Tensor:
+        return all_reduce(self.accelerator, tensor, "min")
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        world = self.accelerator.num_processes
+        if world == 1:
+            return tensor
+        size = torch.tensor([tensor.numel()], device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(s.item() for s in sizes))
+        padded = tensor.new_zeros(longest)
+        padded[:tensor.numel()] = tensor.reshape(-1)
+        parts = [torch.zeros_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:int(n.item())] for part, n in zip(parts, sizes)])
 
 
 def global_moments(accelerator: Accelerator, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,22 +117,3 @@ class MetricAccumulator:
             value = all_reduce(accelerator, torch.tensor(self.extremes[key], dtype=torch.float64, device=device), op)
             out[f"{self.prefix}/{key}"] = float(value)
         return out
-
-
-def find_checkpoint(output_dir: Path, target: str) -> Path:
-    """``latest`` -> the highest ``checkpoint-N`` in ``output_dir``; else the given path."""
-    if target == "latest":
-        # only complete checkpoints: trainer_state.json is written last
-        found = sorted((p for p in output_dir.glob("checkpoint-*")
-                        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").is_file()),
-                       key=lambda p: int(p.name.split("-")[-1]))
-        if not found:
-            raise ConfigError(f"resume_from_checkpoint=latest but {output_dir} has no checkpoint-N directory; "
-                              "train once with save_steps > 0 or pass a checkpoint path")
-        return found[-1]
-    path = Path(target)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint={target} is not a checkpoint directory (no trainer_state.json)")
-    return path
-
-

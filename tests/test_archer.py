@@ -10,6 +10,8 @@ import torch
 from rlclip.errors import ConfigError
 from rlclip.objectives import PolicyBatch, aggregate, build_objective, kl_estimate
 from rlclip.objectives.archer import Archer, masked_row_quantile
+from rlclip.objectives.base import Reducer
+from rlclip.utils import rows_of
 
 D = torch.float64
 LN2 = math.log(2.0)
@@ -244,11 +246,18 @@ def test_micro_batches_keep_the_kl_scale():
     two = PolicyBatch(**{k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v)
                          for k, v in vars(one).items()})
     two.logprobs = torch.cat([one.logprobs.detach()] * 2).requires_grad_(True)
-    obj = build_objective("archer", kl_knowledge=0.3, kl_reasoning=0.2)
-    full = obj(two).loss
-    one.num_tokens = two.mask.sum()
-    half = obj(one).loss  # each identical half carries half the step
-    torch.testing.assert_close(2 * half, full, rtol=1e-12, atol=1e-12)
+    for threshold in ("response", "batch"):
+        obj = build_objective("archer", kl_knowledge=0.3, kl_reasoning=0.2, threshold=threshold)
+        full = obj(two).loss
+        # a micro-batch sees the step's statistics (class counts, batch quantile), sliced to its rows
+        stats = obj.step_statistics(two, Reducer())
+        one.num_tokens = two.mask.sum()
+        one.step_stats = rows_of(stats, torch.arange(3), 6)
+        half = obj(one).loss  # each identical half carries half the step
+        torch.testing.assert_close(2 * half, full, rtol=1e-12, atol=1e-12)
+        # without the step's statistics a half computes its own, so its KL means are not halved
+        one.step_stats = None
+        assert not torch.allclose(2 * obj(one).loss, full)
 
 
 # --- edge cases -----------------------------------------------------------------------------------

@@ -42,6 +42,23 @@ def results(tmp_path_factory):
     return {k: torch.load(tmp / f"{k}.pt") for k in ("micro4", "micro1", "dist2")}, tmp
 
 
+ARCHER = ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5"]
+
+
+@pytest.fixture(scope="module", params=["response", "batch"])
+def archer_results(request, tmp_path_factory):
+    """Archer with strong per-class KL terms: their step-wide token counts (and the batch quantile)."""
+    tmp = tmp_path_factory.mktemp(f"archer_{request.param}")
+    settings = [*ARCHER, f"objective.threshold={request.param}"]
+    run([tmp / "micro4.pt", 4, *settings])
+    run([tmp / "micro1.pt", 1, *settings])
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "29518"]
+    run([tmp / "dist2.pt", 2, *settings], launcher=accelerate)
+    return {k: torch.load(tmp / f"{k}.pt") for k in ("micro4", "micro1", "dist2")}
+
+
 def assert_same_params(a, b):
     assert a.keys() == b.keys()
     for name in a:
@@ -73,3 +90,12 @@ def test_two_process_invariance_and_training(results):
     run_info = json.loads((tmp / "dist2.json").read_text())
     assert run_info["world_size"] == 2 and run_info["grpo"] == [1, 2] and run_info["ppo"] == [1, 2]
     assert math.isfinite(run_info["ppo_explained_variance"])
+
+
+def test_archer_invariance(archer_results):
+    """micro-batch 4 x 1 == micro-batch 1 x 4 == 2 processes x 2, with kl_knowledge 1.0."""
+    res = archer_results
+    assert res["micro4"]["metrics"]["objective/kl_knowledge"] > 0
+    for other in ("micro1", "dist2"):
+        assert_same_params(res["micro4"]["params"], res[other]["params"])
+        assert res["micro4"]["metrics"]["loss"] == pytest.approx(res[other]["metrics"]["loss"], abs=1e-6)

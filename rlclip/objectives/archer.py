@@ -19,6 +19,7 @@ from rlclip.errors import ConfigError
 from rlclip.objectives.base import (
     LOG_RATIO_CLAMP,
     Objective,
+    Reducer,
     kl_estimate,
     masked_mean,
     register_objective,
@@ -97,12 +98,17 @@ class Archer(Objective):
         kl_clamp: clamp of the per-token KL value (verl's low_var_kl uses 10);
             None disables.
 
-    With micro-batching (``PolicyBatch.num_tokens`` set), each micro-batch's
-    class means are weighted by its share of the step's tokens, so the KL
-    terms keep their scale when the step's micro-batch losses are summed.
+    The token classes, the class token counts and (``threshold="batch"``) the
+    quantile are step statistics (:meth:`step_statistics`): computed once over
+    the whole optimizer step, across processes, from the current policy's
+    entropy before the micro-batch forwards. Each micro-batch adds
+    ``kl_k * sum(KL over its knowledge tokens) / N_knowledge(step)`` (same for
+    reasoning), so the update is invariant to micro-batching and the number
+    of processes.
     """
 
     needs = frozenset({"entropy"})
+    step_needs = frozenset({"entropy"})
 
     def __init__(self, *, q: float = 0.8, eps_knowledge: float = 0.2, eps_reasoning: float = 0.5,
                  kl_knowledge: float = 0.001, kl_reasoning: float = 0.0, dual_clip: float | None = 10.0,
@@ -127,6 +133,29 @@ class Archer(Objective):
         self.dual_clip, self.kl_clamp = dual_clip, kl_clamp
         if self.kl_knowledge > 0 or self.kl_reasoning > 0:
             self.needs = self.needs | {"ref"}
+        # step-wide statistics matter only for the per-class KL means and the batch quantile
+        if not (self.kl_knowledge > 0 or self.kl_reasoning > 0 or threshold == "batch"):
+            self.step_needs = frozenset()
+
+    def step_statistics(self, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
+        """Entropy, per-row threshold and the step's knowledge / reasoning token counts.
+
+        ``entropy [B, T]`` is kept so that every micro-batch classifies its
+        tokens with exactly the values the counts were made from.
+        """
+        if batch.entropy is None:
+            raise ValueError("archer needs PolicyBatch.entropy")
+        entropy, counted = batch.entropy.detach(), batch.mask.bool()  # [B, T]
+        if self.threshold == "response":
+            tau, _ = masked_row_quantile(entropy, counted, self.q)  # [B]
+        else:
+            pooled = reduce.cat(entropy[counted])  # [n_step]
+            tau, _ = masked_row_quantile(pooled.unsqueeze(0), torch.ones_like(pooled, dtype=torch.bool)[None], self.q)
+            tau = tau.expand(entropy.shape[0]).contiguous()  # [B]
+        low = entropy <= tau.unsqueeze(-1)  # [B, T]
+        counts = torch.stack([(low & counted).sum(), (~low & counted).sum()]).to(torch.float64)
+        n_knowledge, n_reasoning = reduce.sum(counts)
+        return {"entropy": entropy, "tau": tau, "n_knowledge": n_knowledge, "n_reasoning": n_reasoning}
 
     def token_classes(self, batch: PolicyBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Split the counted tokens: ``(knowledge [B, T], reasoning [B, T], tau [B], has_tokens [B])``.
@@ -134,16 +163,13 @@ class Archer(Objective):
         The masks are boolean and only ever true on counted tokens; tau is the
         per-row threshold (0 on rows without a counted token).
         """
-        if batch.entropy is None:
-            raise ValueError("archer needs PolicyBatch.entropy")
-        entropy, counted = batch.entropy.detach(), batch.mask.bool()
-        if self.threshold == "response":
-            tau, has_tokens = masked_row_quantile(entropy, counted, self.q)  # [B]
-        else:
-            tau, _ = masked_row_quantile(entropy.reshape(1, -1), counted.reshape(1, -1), self.q)  # [1]
-            tau, has_tokens = tau.expand(entropy.shape[0]), counted.any(-1)
-        low = entropy <= tau.unsqueeze(-1)
-        return low & counted, ~low & counted, tau, has_tokens
+        stats = batch.step_stats
+        if stats is None:
+            stats = self.step_statistics(batch, Reducer())
+        counted = batch.mask.bool()
+        tau = stats["tau"]  # [B]
+        low = stats["entropy"] <= tau.unsqueeze(-1)  # [B, T]
+        return low & counted, ~low & counted, tau, counted.any(-1)
 
     def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
         knowledge, reasoning, tau, has_tokens = self.token_classes(batch)
@@ -172,18 +198,12 @@ class Archer(Objective):
         if self.kl_clamp is not None:
             kl = kl.clamp(-self.kl_clamp, self.kl_clamp)
         kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # inf on padding never reaches a mean
-        kl_k, kl_r = masked_mean(kl, knowledge), masked_mean(kl, reasoning)
-        metrics = {**metrics, "kl_knowledge": kl_k.detach(), "kl_reasoning": kl_r.detach()}
+        metrics = {**metrics, "kl_knowledge": masked_mean(kl.detach(), knowledge),
+                   "kl_reasoning": masked_mean(kl.detach(), reasoning)}
         if weighted:
-            penalty = penalty + self._step_share(batch) * (self.kl_knowledge * kl_k + self.kl_reasoning * kl_r)
+            stats = batch.step_stats if batch.step_stats is not None else self.step_statistics(batch, Reducer())
+            # class sums over this batch divided by the class counts of the whole step
+            kl_k = (kl * knowledge).sum() / stats["n_knowledge"].clamp_min(1).to(kl.dtype)
+            kl_r = (kl * reasoning).sum() / stats["n_reasoning"].clamp_min(1).to(kl.dtype)
+            penalty = penalty + self.kl_knowledge * kl_k + self.kl_reasoning * kl_r
         return penalty, metrics
-
-    @staticmethod
-    def _step_share(batch: PolicyBatch) -> Tensor | float:
-        """This batch's share of the optimizer step (1 without global counts)."""
-        mask = batch.mask.to(batch.logprobs.dtype)
-        if batch.num_tokens is not None:
-            return mask.sum() / batch.num_tokens
-        if batch.num_sequences is not None:
-            return (mask.sum(-1) > 0).sum().to(mask.dtype) / batch.num_sequences
-        return 1.0

@@ -1,9 +1,11 @@
 """One optimizer step on a fixed batch, for the invariance test (run alone or under a launcher).
 
-Usage: python one_step.py OUT.pt MICRO_BATCH_SIZE [train]
+Usage: python one_step.py OUT.pt MICRO_BATCH_SIZE [train] [key=value ...]
 Each process takes its contiguous share of the same 4 sequences; rank 0 saves
 the parameters after the step. With ``train`` it then also trains two steps in
 GRPO mode and two in PPO mode and records the world size (the 2-process runs).
+``key=value`` arguments are config overrides (e.g. ``objective.name=archer``);
+the default objective is ratio_clip with eps_high 0.28 and dual clip 3.
 """
 
 from __future__ import annotations
@@ -37,22 +39,27 @@ def fixed_rollout(vocab: int) -> RolloutBatch:
 
 def main() -> None:
     out, micro = sys.argv[1], int(sys.argv[2])
+    extra = [a for a in sys.argv[3:] if "=" in a]
+    train = "train" in sys.argv[3:]
+    objective = extra or ["objective.eps_high=0.28", "objective.dual_clip=3.0"]
     tmp = Path(tempfile.mkdtemp())
     cfg = tiny_config(tmp, f"train.micro_batch_size={micro}", "train.optimizer=sgd", "train.learning_rate=0.5",
-                      "train.max_grad_norm=0", "objective.eps_high=0.28", "objective.dual_clip=3.0")
+                      "train.max_grad_norm=0", *objective)
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     rollout = fixed_rollout(trainer.tokenizer.vocab_size)
     # behaviour log-probs from a perturbed model state, so ratios differ from 1 and some tokens clip
     trainer.record_behaviour(rollout)
     rollout.old_logprobs = rollout.old_logprobs + torch.linspace(-0.4, 0.4, 24).view(4, 6)
+    if rollout.ref_logprobs is not None:  # a reference away from the policy, so KL terms have gradients
+        rollout.ref_logprobs = rollout.ref_logprobs + torch.linspace(0.6, -0.3, 24).view(4, 6)
     share = 4 // acc.num_processes
     local = rollout.select(torch.arange(acc.process_index * share, (acc.process_index + 1) * share))
     metrics = trainer.optimizer_step(local)
     if acc.is_main_process:
         params = {n: p.detach().cpu() for n, p in acc.unwrap_model(trainer.model).named_parameters()}
         torch.save({"params": params, "metrics": metrics}, out)
-    if len(sys.argv) > 3:
+    if train:
         runs = {}
         for mode, extra in (("grpo", []), ("ppo", ["advantage.name=gae", "critic.learning_rate=1e-3"])):
             history = Trainer(tiny_config(tmp / mode, "max_steps=2", *extra)).train()

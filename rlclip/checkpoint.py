@@ -1,0 +1,301 @@
+"""Run directories and checkpoints that survive crashes, kills and typos.
+
+- A new run refuses an ``output_dir`` that already holds another run
+  (``metrics.jsonl`` or ``checkpoint-N/``) unless it resumes or
+  ``overwrite_output_dir`` is set; a lock file keeps a second concurrent run
+  out. Path problems are found here, before any model loads.
+- A checkpoint is written into a hidden sibling directory and renamed into
+  place only when complete, so a SIGKILL during a save leaves the previous
+  checkpoint usable and ``latest`` never picks a partial one.
+- ``keep_last`` prunes the oldest checkpoints after each save.
+- ``latest`` falls back to the newest checkpoint that loads.
+- On resume, ``metrics.jsonl`` keeps each step once.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from rlclip.errors import ConfigError
+
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+LOCK_NAME = ".rlclip.lock"
+METRICS_NAME = "metrics.jsonl"
+PARTIAL_PREFIX = ".partial-"
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete ``checkpoint-N`` directories, oldest first (``trainer_state.json`` is written last)."""
+    found = [p for p in output_dir.glob("checkpoint-*")
+             if CHECKPOINT_RE.fullmatch(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+USED_DIR_FIX = ("resume it with --resume_from_checkpoint latest, start afresh with --overwrite_output_dir true, "
+                "or choose another --output_dir")
+
+
+def check_output_dir(path: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse a file, an unwritable directory, or another run's directory (before any model loads)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path} is an existing file; pass a directory with --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {path} cannot be created ({err.strerror or err}); "
+                          "choose a writable --output_dir") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {path} is not writable (permission denied); choose a writable --output_dir")
+    used = [p.name for p in (path / METRICS_NAME,) if p.exists()] + [p.name for p in checkpoints(path)]
+    if used and not resuming and not overwrite:
+        raise ConfigError(f"output_dir {path} already holds a run ({', '.join(used[:3])}); {USED_DIR_FIX}")
+
+
+def clear_previous_run(path: Path) -> None:
+    """``overwrite_output_dir``: remove the previous run's metrics and checkpoints (nothing else)."""
+    (path / METRICS_NAME).unlink(missing_ok=True)
+    for child in path.glob("checkpoint-*"):
+        shutil.rmtree(child, ignore_errors=True)
+    for child in path.glob(PARTIAL_PREFIX + "*"):
+        shutil.rmtree(child, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``output_dir/.rlclip.lock`` held for the run.
+
+    The kernel drops it when the process dies, so a crashed run never leaves
+    a stale lock behind.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = output_dir / LOCK_NAME
+        self.handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"output_dir {self.path.parent} is in use by another run (pid {owner}); wait for it "
+                              "to finish or choose another --output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the descriptor drops the flock
+            self.handle = None
+
+
+@contextmanager
+def atomic_directory(final: Path, is_main: bool, barrier: Callable[[], None]) -> Iterator[Path]:
+    """Yield a hidden sibling of ``final`` to write into; rename it to ``final`` once every process is done.
+
+    A kill before the rename leaves only the hidden directory, which nothing
+    reads and the next save of the same name removes.
+    """
+    staging = final.parent / f"{PARTIAL_PREFIX}{final.name}"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    yield staging
+    barrier()
+    if is_main:
+        if final.exists():  # a rewritten step: swap, then drop the old copy
+            old = final.parent / f"{PARTIAL_PREFIX}old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        _fsync_dir(final.parent)
+    barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the removed paths."""
+    if not keep_last:
+        return []
+    old = checkpoints(output_dir)[:-keep_last]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+def resume_candidates(output_dir: Path, target: str) -> list[Path]:
+    """``latest``: the complete checkpoints newest first; otherwise the one given path."""
+    if target == "latest":
+        found = checkpoints(output_dir)[::-1]
+        if not found:
+            raise ConfigError(f"resume_from_checkpoint=latest but {output_dir} has no complete checkpoint-N "
+                              "directory; train with save_steps > 0 first or pass a checkpoint path")
+        return found
+    path = Path(target)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint={target} is not a checkpoint directory (no trainer_state.json); "
+                          "pass a checkpoint-N directory or latest")
+    return [path]
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint; a damaged file raises ValueError naming it."""
+    text = (path / "trainer_state.json").read_text()
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / 'trainer_state.json'} is not valid JSON ({err.msg})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path / 'trainer_state.json'} has no 'step'")
+    return state
+
+
+def truncate_metrics(output_dir: Path, step: int) -> int:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (a resumed run rewrites the rest); returns rows dropped."""
+    path = output_dir / METRICS_NAME
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut by a crash
+            continue
+        if row_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError, ValueError, EOFError, KeyError, TypeError)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    errors: tuple[type[BaseException], ...] = LOAD_ERRORS + (pickle.UnpicklingError,)
+    try:
+        from safetensors import SafetensorError
+
+        errors += (SafetensorError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class Checkpointer:
+    """Writes ``checkpoint-N/`` atomically, prunes old ones, and loads the newest that works.
+
+    Args:
+        accelerator: the run's accelerator (processes, barriers, ``save_state`` / ``load_state``).
+        output_dir: the run directory.
+        keep_last: keep the newest N checkpoints (None: all).
+        save_model: writes the model (``save_pretrained``) into a directory; called on every process.
+    """
+
+    def __init__(self, accelerator: Any, output_dir: Path, keep_last: int | None,
+                 save_model: Callable[[Path], None]) -> None:
+        self.accelerator, self.output_dir, self.keep_last = accelerator, output_dir, keep_last
+        self.save_model = save_model
+
+    def save(self, step: int, state: dict[str, Any], extras: dict[str, Any],
+             per_process: dict[str, Any] | None = None) -> Path:
+        """``state`` goes to trainer_state.json (written last), ``extras`` to ``<key>.pt`` (main process),
+        ``per_process`` to ``<key>_<rank>.pt`` on every process."""
+        import torch
+
+        acc = self.accelerator
+        final = self.output_dir / f"checkpoint-{step}"
+        with atomic_directory(final, acc.is_main_process, acc.wait_for_everyone) as staging:
+            self.save_model(staging)
+            acc.save_state(str(staging / "state"))
+            for key, value in (per_process or {}).items():
+                torch.save(value, staging / f"{key}_{acc.process_index}.pt")
+            if acc.is_main_process:
+                for key, value in extras.items():
+                    torch.save(value, staging / f"{key}.pt")
+                (staging / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+        if acc.is_main_process:
+            prune_checkpoints(self.output_dir, self.keep_last)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, target: str, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any], Callable[[str], Any]]:
+        """Load the accelerate state of ``target`` (``latest`` falls back to older checkpoints).
+
+        Returns the checkpoint, its trainer state and a reader of its extras
+        (``read("clipper")`` -> the object or None; per-process keys are read
+        for this process's rank).
+        """
+        candidates = resume_candidates(self.output_dir, target)
+        for i, path in enumerate(candidates):
+            try:
+                state = read_trainer_state(path)
+                self.accelerator.load_state(str(path / "state"))
+                read = self._reader(path)
+                for key in state.get("extras", []):
+                    read(key)  # fail here, not later, on a damaged file
+                return path, state, read
+            except _load_errors() as err:
+                problem = f"checkpoint {path} cannot be loaded ({_reason(err)})"
+                if i + 1 < len(candidates):
+                    warn(f"{problem}; falling back to {candidates[i + 1].name}")
+                    continue
+                fix = ("delete it or pass an older checkpoint-N" if target != "latest" or len(candidates) == 1
+                       else "no older checkpoint loads either; start afresh with --overwrite_output_dir true")
+                raise ConfigError(f"{problem}; {fix}") from None
+        raise AssertionError("unreachable")
+
+    def _reader(self, path: Path) -> Callable[[str], Any]:
+        import torch
+
+        rank = self.accelerator.process_index
+
+        def read(key: str) -> Any:
+            for name in (f"{key}_{rank}.pt", f"{key}.pt"):
+                if (path / name).is_file():
+                    return torch.load(path / name, weights_only=False)
+            return None
+
+        return read
