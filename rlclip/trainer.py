@@ -434,10 +434,11 @@ class Trainer:
     def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
         """Objective (and value loss) -> backward over micro-batches -> clip -> optimizer step."""
         acc, cfg = self.accelerator, self.config.train
-        mask = mini_batch.completion_mask
-        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=acc.device)
-        # clamped: a step whose tokens are all masked (no reward anywhere) has a zero loss, not 0 / 0
-        num_tokens, num_sequences = all_reduce(acc, counts, "sum").clamp_min(1)
+        # the objective's token filters (e.g. mask_truncated) may take tokens out of the denominators too
+        mask = self.objective.count_mask(mini_batch.completion_mask, mini_batch.truncated)  # [b, T]
+        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), mini_batch.completion_mask.sum()],
+                              dtype=torch.float64, device=acc.device)
+        num_tokens, num_sequences, value_tokens = all_reduce(acc, counts, "sum").clamp_min(1)
         train_policy = self.critic is None or self.step >= self.config.critic.warmup_steps
         policy_metrics, critic_metrics = MetricAccumulator(), MetricAccumulator("critic", "critic/value_loss")
         chunks = split_indices(len(mini_batch), cfg.micro_batch_size)
@@ -455,7 +456,7 @@ class Trainer:
                     acc.backward(out.loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
-                    value_out = self.value_loss(micro, num_tokens)
+                    value_out = self.value_loss(micro, value_tokens)
                     acc.backward(value_out.loss * self.config.critic.vf_coef * acc.num_processes)
                     critic_metrics.add(value_out, weight)
         result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)

@@ -42,14 +42,25 @@ def results(tmp_path_factory):
     return {k: torch.load(tmp / f"{k}.pt") for k in ("micro4", "micro1", "dist2")}, tmp
 
 
-ARCHER = ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5"]
+STEP_STATISTICS = {
+    # archer with strong per-class KL terms: step-wide class counts (and the batch quantile)
+    "archer_response": ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5"],
+    "archer_batch": ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5",
+                     "objective.threshold=batch"],
+    # covariance over the step, and every token filter (a step-wide entropy quantile, truncated rows out
+    # of the denominators, off-policy sequences)
+    "clip_cov_filters": ["objective.name=clip_cov", "objective.clip_cov_ratio=0.2", "objective.clip_cov_lb=-1.0",
+                         "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true",
+                         "objective.off_policy_mask=0.05"],
+    "kl_cov": ["objective.name=kl_cov", "objective.kl_cov_ratio=0.2"],
+}
 
 
-@pytest.fixture(scope="module", params=["response", "batch"])
-def archer_results(request, tmp_path_factory):
-    """Archer with strong per-class KL terms: their step-wide token counts (and the batch quantile)."""
-    tmp = tmp_path_factory.mktemp(f"archer_{request.param}")
-    settings = [*ARCHER, f"objective.threshold={request.param}"]
+@pytest.fixture(scope="module", params=sorted(STEP_STATISTICS))
+def step_statistics_results(request, tmp_path_factory):
+    """Objectives whose statistics span the optimizer step, run three ways."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    settings = STEP_STATISTICS[request.param]
     run([tmp / "micro4.pt", 4, *settings])
     run([tmp / "micro1.pt", 1, *settings])
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -92,10 +103,12 @@ def test_two_process_invariance_and_training(results):
     assert math.isfinite(run_info["ppo_explained_variance"])
 
 
-def test_archer_invariance(archer_results):
-    """micro-batch 4 x 1 == micro-batch 1 x 4 == 2 processes x 2, with kl_knowledge 1.0."""
-    res = archer_results
-    assert res["micro4"]["metrics"]["objective/kl_knowledge"] > 0
+def test_step_statistics_invariance(step_statistics_results):
+    """micro-batch 4 x 1 == micro-batch 1 x 4 == 2 processes x 2 (archer with kl_knowledge 1.0, clip_cov,
+    kl_cov, the token filters)."""
+    res = step_statistics_results
     for other in ("micro1", "dist2"):
         assert_same_params(res["micro4"]["params"], res[other]["params"])
         assert res["micro4"]["metrics"]["loss"] == pytest.approx(res[other]["metrics"]["loss"], abs=1e-6)
+    if "objective/kl_knowledge" in res["micro4"]["metrics"]:
+        assert res["micro4"]["metrics"]["objective/kl_knowledge"] > 0

@@ -329,6 +329,7 @@ def test_huge_prompt_rejected_by_config(tmp_path, capsys):
 
 
 def test_nan_in_one_process_gradient_skips_the_step_on_both(tmp_path):
+    """Also: the adaptive clipper's thresholds are identical on both processes (issue 17)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "29519"]
@@ -338,5 +339,8 @@ def test_nan_in_one_process_gradient_skips_the_step_on_both(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in ranks:
-        assert report["skipped"] == [0, 1, 1, 1] and report["finite"]
+        assert report["skipped"] == [0, 1, 1, 1, 1, 1] and report["finite"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["thresholds"] == ranks[1]["thresholds"]
+    assert ranks[0]["thresholds"][1] is None  # the skipped step never reached the clipper
+    assert all(t > 0 for t in ranks[0]["thresholds"][3:])  # adaptive after the two warm-up steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,45 @@ def test_builtin_reward_missing_its_column_is_a_reward_error(tmp_path):
 def test_tensorboard_tracker_writes_events(tmp_path):
     Trainer(tiny_config(tmp_path, "max_steps=1", "logging.report_to=tensorboard")).train()
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("clipper", ["norm", "autoclip", "zclip", "adagc"])
+def test_each_gradient_clipper_trains_and_its_state_resumes(tmp_path, clipper):
+    settings = {"zclip": ", warmup_steps: 2", "adagc": ", warmup_steps: 2"}.get(clipper, "")
+    cfg = tiny_config(tmp_path, "max_steps=4", "save_steps=4", f"train.grad_clip={{name: {clipper}{settings}}}")
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    for key in ("grad/norm_pre", "grad/norm_post", "grad/clipped", "grad/threshold"):
+        assert all(math.isfinite(h[key]) for h in history), key
+    assert all(h["grad/norm_post"] <= h["grad/norm_pre"] + 1e-6 for h in history)
+    assert (tmp_path / "checkpoint-4" / "clipper.pt").is_file()
+    resumed = Trainer(tiny_config(tmp_path, "max_steps=4", f"train.grad_clip={{name: {clipper}{settings}}}",
+                                  "resume_from_checkpoint=latest"))
+    resumed.train()  # max_steps reached: loads the state, trains nothing
+    assert resumed.clipper.state_dict() == trainer.clipper.state_dict()
+
+
+def test_max_grad_norm_is_an_alias_of_the_norm_clipper(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "max_steps=1", "train.max_grad_norm=0.01"))
+    assert type(trainer.clipper).__name__ == "NormClipper" and trainer.clipper.max_norm == 0.01
+    history = trainer.train()
+    assert history[0]["grad/clipped"] == 1.0 and history[0]["grad/threshold"] == 0.01
+
+
+@pytest.mark.parametrize("filters", [
+    ["objective.mask_truncated=true"],
+    ["objective.entropy_top_quantile=0.2", "train.micro_batch_size=4"],  # step statistics from a no-grad pass
+    ["objective.off_policy_mask=0.001"],
+])
+def test_token_filters_train_through_the_trainer(tmp_path, filters):
+    history = Trainer(tiny_config(tmp_path, "max_steps=2", *filters)).train()
+    assert len(history) == 2 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_mask_truncated_takes_truncated_completions_out_of_the_token_count(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "max_steps=1", "objective.mask_truncated=true"))
+    rollout = trainer.generate(trainer.next_prompts())
+    rollout.truncated[:] = True
+    rollout.truncated[0] = False
+    mask = trainer.objective.count_mask(rollout.completion_mask, rollout.truncated)
+    assert int(mask.sum()) == int(rollout.completion_mask[0].sum())

@@ -33,7 +33,7 @@ def fixed_rollout(vocab: int) -> RolloutBatch:
     completion_mask = (torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)).long()
     advantages = torch.tensor([1.0, -1.5, 0.5, -0.7]).unsqueeze(1).expand(4, 6).clone()
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                        completion_mask=completion_mask, truncated=torch.zeros(4, dtype=torch.bool),
+                        completion_mask=completion_mask, truncated=torch.tensor([False, False, True, False]),
                         prompts=["p"] * 4, completions=["c"] * 4, advantages=advantages)
 
 
