@@ -59,11 +59,38 @@ def test_sequence_level_gspo_values_and_gradients():
     #   L = -s per token, dL/dlogp_t = -s (GSPO-token gradient is s_i * grad log pi_t).
     # Row 1: log ratios 0.5 -> s = exp(0.5) > 1.2 with A = 1: clipped, L = -1.2, no grad.
     b = batch([[0.2, -0.1, 0.7], [0.5, 0.5, 0.5]], [[1.0] * 3, [1.0] * 3], mask=[[1, 1, 0], [1, 1, 1]])
-    out = build_objective("ratio_clip", level="sequence")(b)
+    out = build_objective("ratio_clip", level="sequence", agg="token_mean")(b)  # an explicit agg is kept
     s = math.exp(0.05)
     assert out.loss.item() == pytest.approx((2 * -s + 3 * -1.2) / 5)
     out.loss.backward()
     torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-s / 5, -s / 5, 0.0], [0.0, 0.0, 0.0]], dtype=D))
+
+
+def test_sequence_level_defaults_to_sequence_mean_and_keeps_an_explicit_agg():
+    # Same rows as above; the GSPO default agg is seq_mean_token_mean (paper eq. 5, TRL, verl):
+    #   row 0 mean -s over 2 tokens, row 1 mean -1.2 -> loss (-s - 1.2) / 2;
+    #   grad of row 0's tokens: -s / 2 (row mean) / 2 (two rows) = -s / 4; row 1 clipped: 0.
+    s = math.exp(0.05)
+    b = batch([[0.2, -0.1, 0.7], [0.5, 0.5, 0.5]], [[1.0] * 3, [1.0] * 3], mask=[[1, 1, 0], [1, 1, 1]])
+    obj = build_objective("ratio_clip", level="sequence")
+    assert obj.agg == "seq_mean_token_mean"
+    out = obj(b)
+    assert out.loss.item() == pytest.approx((-s - 1.2) / 2)
+    out.loss.backward()
+    torch.testing.assert_close(b.logprobs.grad, torch.tensor([[-s / 4, -s / 4, 0.0], [0.0, 0.0, 0.0]], dtype=D))
+    assert build_objective("ratio_clip").agg == "token_mean"  # token level keeps the global default
+    for agg in ("token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"):
+        assert build_objective("ratio_clip", level="sequence", agg=agg).agg == agg
+
+
+def test_sequence_level_default_agg_through_a_recipe():
+    from conftest import ROOT
+    from rlclip.config import build_objective_from_config, load_config
+
+    cfg = load_config(ROOT / "recipes/smoke/tiny.yaml", ["objective.level=sequence"])
+    assert build_objective_from_config(cfg).agg == "seq_mean_token_mean"
+    cfg = load_config(ROOT / "recipes/smoke/tiny.yaml", ["objective.level=sequence", "objective.agg=token_mean"])
+    assert build_objective_from_config(cfg).agg == "token_mean"
 
 
 def test_sequence_level_equals_token_level_for_single_token_responses():
@@ -136,6 +163,33 @@ def test_kl_estimators(name, value, grad):
     assert k.item() == pytest.approx(value)
     k.sum().backward()
     assert logp.grad.item() == pytest.approx(grad)
+
+
+def test_low_var_kl_is_k3_clamped_to_ten_as_verl():
+    # verl/trainer/ppo/core_algos.py @ b178a3cd, kl_penalty_forward, lines 1890-1896:
+    #   kl = clamp(ref - logp, -20, 20); kld = exp(kl) - kl - 1; return clamp(kld, -10, 10).
+    # d = log 2: 1 - log 2 (inside the clamp, same as k3, grad 1 - e^d = -1);
+    # d = 5: e^5 - 6 = 142.4 -> 10, no grad; d = 30: clamp to 20 first, then 10.
+    logp = torch.zeros(3, dtype=D, requires_grad=True)
+    ref = torch.tensor([math.log(2), 5.0, 30.0], dtype=D)
+    k = kl_estimate(logp, ref, "low_var_kl")
+    torch.testing.assert_close(k, torch.tensor([1 - math.log(2), 10.0, 10.0], dtype=D))
+    k.sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([-1.0, 0.0, 0.0], dtype=D))
+    assert kl_estimate(torch.zeros(1), torch.tensor([5.0]), "k3").item() == pytest.approx(math.exp(5) - 6, rel=1e-6)
+
+
+def test_kl_bias_correction_multiplies_k3_by_the_ratio():
+    # logp - old = log 1.5 (rho = 1.5), ref - logp = log 2: k3 = 1 - log 2, corrected 1.5 (1 - log 2).
+    # d/dlogp [rho k3] = rho k3 + rho (1 - e^d) = 1.5 (1 - log 2) - 1.5.
+    ref = torch.full((1, 1), math.log(1.5) + math.log(2), dtype=D)
+    b = batch([[math.log(1.5)]], [[0.0]], ref_logprobs=ref)
+    out = build_objective("ratio_clip", kl_coef=1.0, kl_bias_correction=True)(b)
+    assert out.loss.item() == pytest.approx(1.5 * (1 - math.log(2)))
+    out.loss.backward()
+    assert b.logprobs.grad.item() == pytest.approx(1.5 * (1 - math.log(2)) - 1.5)
+    plain = build_objective("ratio_clip", kl_coef=1.0)(batch([[math.log(1.5)]], [[0.0]], ref_logprobs=ref))
+    assert plain.loss.item() == pytest.approx(1 - math.log(2))  # off by default
 
 
 def test_k3_is_clamped():

@@ -24,7 +24,8 @@ from rlclip.errors import ConfigError, ObjectiveError
 from rlclip.types import ObjectiveOutput, PolicyBatch
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+LOW_VAR_KL_CLAMP = 10.0
 NEEDS = frozenset({"entropy", "ref", "support"})
 STEP_NEEDS = frozenset({"entropy", "logprobs"})
 LOG_RATIO_CLAMP = 20.0
@@ -89,17 +90,26 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -
     """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta.
 
     With d = ref_logprobs - logprobs (Schulman, "Approximating KL divergence"):
-    k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 with d clamped to [-20, 20].
+    k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 with d clamped to [-20, 20];
+    ``low_var_kl`` = k3 with the value then clamped to [-10, 10], as verl's
+    ``kl_penalty_forward`` (verl/trainer/ppo/core_algos.py, branch "low_var_kl"
+    / "k3", which verl treats as the same estimator).
     """
     d = ref_logprobs - logprobs  # [B, T]
     if estimator == "k1":
         return -d
     if estimator == "k2":
         return 0.5 * d.square()
-    if estimator == "k3":
+    if estimator in ("k3", "low_var_kl"):
         d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        return torch.expm1(d) - d
+        k3 = torch.expm1(d) - d  # [B, T]
+        return k3 if estimator == "k3" else k3.clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
     raise ConfigError(f"unknown kl_estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+
+
+def token_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    """Per-token importance ratio exp(clamp(logprobs - old_logprobs, -20, 20)) ``[B, T]``, with grad."""
+    return torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 class Reducer:
@@ -175,7 +185,14 @@ class Objective(abc.ABC):
             (the trainer sets it to ``max_new_tokens`` when left unset).
         kl_coef: weight of the KL penalty to the reference model; 0 loads no
             reference model.
-        kl_estimator: ``k1``, ``k2`` or ``k3``.
+        kl_estimator: ``k1``, ``k2``, ``k3`` or ``low_var_kl`` (k3 clamped to
+            [-10, 10], verl's ``kl_loss_type=low_var_kl``); see :func:`kl_estimate`.
+        kl_bias_correction: multiply the per-token KL by the importance ratio
+            rho_t = exp(logprobs - old_logprobs) (with grad) before aggregation, so
+            that the KL gradient is the unbiased reverse-KL gradient off-policy
+            (DeepSeek-V3.2, arXiv 2512.02556; TRL 1.16's ``use_bias_correction_kl``,
+            which is on by default there). Off by default (verl, and the Archer
+            and PSPO authors' code, have no such weight); see docs/conventions.md.
         entropy_top_quantile: token filter ("Beyond the 80/20 rule", arXiv
             2506.01939; TRL's ``top_entropy_quantile``): only the fraction
             rho of counted tokens with the highest entropy train. The
@@ -212,7 +229,8 @@ class Objective(abc.ABC):
             cls.step_statistics = _with_filter_statistics(own)  # type: ignore[method-assign]
 
     def __init__(self, *, agg: str = "token_mean", agg_norm_len: int | None = None,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_top_quantile: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", kl_bias_correction: bool = False,
+                 entropy_top_quantile: float | None = None,
                  off_policy_mask: float | None = None, mask_truncated: bool = False) -> None:
         if agg not in AGG_MODES:
             raise ConfigError(f"unknown aggregation agg={agg!r}; choose one of {', '.join(AGG_MODES)}")
@@ -228,6 +246,7 @@ class Objective(abc.ABC):
         self.agg_norm_len = agg_norm_len
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
+        self.kl_bias_correction = bool(kl_bias_correction)
         self.entropy_top_quantile = None if entropy_top_quantile in (None, 1.0) else float(entropy_top_quantile)
         self.off_policy_mask = None if off_policy_mask is None else float(off_policy_mask)
         self.mask_truncated = bool(mask_truncated)
@@ -336,13 +355,29 @@ class Objective(abc.ABC):
         return aggregate(values, batch.mask, self.agg, batch.num_tokens, batch.num_sequences,
                          self.agg_norm_len)
 
+    def kl_weight(self, batch: PolicyBatch) -> Tensor:
+        """Importance weight of the per-token KL under ``kl_bias_correction``: rho_t ``[B, T]`` (with grad).
+
+        TRL 1.16 multiplies its per-token k3 by ``coef_1``, its importance weight
+        (trl/trainer/grpo_trainer.py, ``_compute_loss``); at token level that is rho_t.
+        An objective with a sequence-level ratio (``ratio_clip`` with ``level="sequence"``)
+        overrides this with its sequence weight, as TRL does.
+        """
+        return token_ratio(batch.logprobs, batch.old_logprobs)
+
+    def kl_terms(self, batch: PolicyBatch) -> Tensor:
+        """Per-token KL to the reference ``[B, T]``: ``kl_estimator``, times :meth:`kl_weight` under
+        ``kl_bias_correction``. Needs ``batch.ref_logprobs``."""
+        kl = kl_estimate(batch.logprobs, batch.ref_logprobs, self.kl_estimator)  # [B, T]
+        return kl * self.kl_weight(batch) if self.kl_bias_correction else kl
+
     def kl_penalty(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
-        """``kl_coef * agg(KL)`` to the reference model (0 when ``kl_coef`` is 0)."""
+        """``kl_coef * agg(KL)`` to the reference model (0 when ``kl_coef`` is 0), KL from :meth:`kl_terms`."""
         if self.kl_coef == 0:
             return batch.logprobs.new_zeros(()), {}
         if batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs PolicyBatch.ref_logprobs")
-        kl = kl_estimate(batch.logprobs, batch.ref_logprobs, self.kl_estimator)  # [B, T]
+        kl = self.kl_terms(batch)  # [B, T]
         return self.kl_coef * self.aggregate(kl, batch), {"kl_ref": masked_mean(kl.detach(), batch.mask)}
 
     def __call__(self, batch: PolicyBatch) -> ObjectiveOutput:

@@ -18,6 +18,9 @@ from rlclip.objectives.base import (
 )
 from rlclip.types import PolicyBatch
 
+GSPO_AGG = "seq_mean_token_mean"
+"""Default aggregation of ``level="sequence"`` (GSPO) when ``agg`` is not given."""
+
 
 def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """GSPO's per-token log ratio (arXiv 2507.18071, "GSPO-token").
@@ -115,6 +118,11 @@ class RatioClip(Objective):
         delta: cap > 1 on the unclipped ratio (two-sided clip); None disables.
         level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO, arXiv 2507.18071): the
             ratio is the length-normalised sequence ratio s_i, clipped as above.
+            With ``level="sequence"`` and no explicit ``agg``, the aggregation is
+            ``seq_mean_token_mean`` (the sequence mean of the GSPO paper's eq. 5,
+            TRL's GSPO recipe ``loss_type="grpo"`` and verl's ``compute_policy_loss_gspo``,
+            which hard-codes "seq-mean-token-mean"); an explicit ``agg`` is kept.
+            See docs/conventions.md.
 
     Metrics: ``clip_frac_low`` / ``clip_frac_high`` (PPO clip active),
     ``clip_frac_dual``, ``clip_frac_delta`` (tokens whose loss the bound changed),
@@ -123,6 +131,8 @@ class RatioClip(Objective):
 
     def __init__(self, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
                  delta: float | None = None, level: str = "token", **shared: Any) -> None:
+        if level == "sequence":
+            shared.setdefault("agg", GSPO_AGG)
         super().__init__(**shared)
         if eps_low < 0 or eps_high < 0:
             raise ConfigError(f"eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
@@ -132,6 +142,16 @@ class RatioClip(Objective):
         check_delta(delta)
         self.eps_low, self.eps_high, self.dual_clip, self.level = eps_low, eps_high, dual_clip, level
         self.delta = None if delta is None else float(delta)
+
+    def kl_weight(self, batch: PolicyBatch) -> Tensor:
+        """The KL's importance weight under ``kl_bias_correction``: rho_t, or at sequence level
+        s_i = exp(mean over response i of (logprobs - old_logprobs)) broadcast ``[B, 1]`` with grad
+        through every token of the response, as TRL's ``coef_1`` with ``importance_sampling_level="sequence"``."""
+        if self.level != "sequence":
+            return super().kl_weight(batch)
+        mask = batch.mask.to(batch.logprobs.dtype)
+        seq = ((batch.logprobs - batch.old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [B]
+        return torch.exp(seq.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).unsqueeze(-1)  # [B, 1]
 
     def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
         if self.level == "sequence":
