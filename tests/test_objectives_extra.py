@@ -71,7 +71,7 @@ class _Accelerator:
 
 
 def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=None, level="token", delta=None,
-             top_entropy_quantile=1.0, off_policy_mask_threshold=None, max_completion_length=None,
+             top_entropy_quantile=1.0, off_policy_mask_threshold=None, max_completion_length=None, beta=0.0,
              **args) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and gradient from TRL's GRPOTrainer._compute_loss on the same per-token log-probs."""
     from trl import GRPOTrainer
@@ -85,7 +85,7 @@ def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=No
     config.update(args)
     trainer.__dict__.update(
         args=SimpleNamespace(**config), accelerator=_Accelerator(), model=SimpleNamespace(training=True),
-        _metrics={"train": _AnyList(), "eval": _AnyList()}, beta=0.0, loss_type=loss_type,
+        _metrics={"train": _AnyList(), "eval": _AnyList()}, beta=beta, loss_type=loss_type,
         importance_sampling_level=level, epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high,
         top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=off_policy_mask_threshold,
@@ -99,6 +99,8 @@ def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=No
               "completion_ids": torch.zeros(logprobs.shape[0], t, dtype=torch.long),
               "completion_mask": batch.mask.clone(), "advantages": batch.advantages[:, 0].clone(),
               "old_per_token_logps": batch.old_logprobs.clone(), "num_items_in_batch": batch.mask.sum()}
+    if beta != 0.0:
+        inputs["ref_per_token_logps"] = batch.ref_logprobs.clone()
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     loss.backward()
     return loss.detach(), logprobs.grad
@@ -169,6 +171,31 @@ def test_off_policy_mask_equals_trl():
                     trl_loss("bnpo", batch, off_policy_mask_threshold=threshold))
         assert_same(ours("sapo", batch, off_policy_mask=threshold),
                     trl_loss("sapo", batch, off_policy_mask_threshold=threshold))
+
+
+@pytest.mark.parametrize("loss_type, level", [("dapo", "token"), ("grpo", "token"), ("bnpo", "token"),
+                                               ("dr_grpo", "token"), ("grpo", "sequence")])
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_kl_k3_and_bias_correction_equal_trl(loss_type, level, bias_correction):
+    # TRL 1.16 _compute_loss: per_token_kl = exp(ref - logp) - (ref - logp) - 1, times coef_1 (the token
+    # ratio, or the sequence ratio at level "sequence") when use_bias_correction_kl (TRL's default True);
+    # beta * per_token_kl joins the per-token loss before TRL's aggregation. rlclip: kl_coef * agg(KL).
+    batch = random_batch(11, scale=0.4)
+    g = torch.Generator().manual_seed(12)
+    batch.ref_logprobs = batch.logprobs.detach() + 0.5 * torch.randn(batch.mask.shape, generator=g, dtype=D)
+    ref = trl_loss(loss_type, batch, epsilon=0.2, epsilon_high=0.28, level=level, beta=0.04,
+                   use_bias_correction_kl=bias_correction)
+    got = ours("ratio_clip", batch, eps_low=0.2, eps_high=0.28, level=level, agg=TRL_LOSS_AGG[loss_type],
+               kl_coef=0.04, kl_estimator="k3", kl_bias_correction=bias_correction)
+    assert_same(got, ref)
+
+
+def test_kl_bias_correction_equals_trl_for_other_objectives():
+    batch = random_batch(13, scale=0.3)
+    batch.ref_logprobs = batch.logprobs.detach() - 0.3
+    assert_same(ours("sapo", batch, kl_coef=0.1, kl_bias_correction=True), trl_loss("sapo", batch, beta=0.1))
+    assert_same(ours("cispo", batch, eps_high=0.3, kl_coef=0.1, kl_bias_correction=True),
+                trl_loss("cispo", batch, epsilon_high=1.3, beta=0.1))
 
 
 # ------------------------------------------------------------------------------- hand values, float64
