@@ -119,6 +119,93 @@ def test_hand_computed_class_kl_value_and_gradient():
     torch.testing.assert_close(grad - grad0, expected, atol=1e-12, rtol=0)
 
 
+def test_hand_computed_per_response_class_kl_value_and_gradient():
+    batch, logprobs = hand_batch()
+    base = dict(q=0.5, eps_knowledge=0.2, eps_reasoning=0.5, dual_clip=3.0, kl_per_response=True)
+    loss0, grad0, _ = loss_and_grad(build_objective("archer", **base, kl_knowledge=0.0, kl_reasoning=0.0), batch)
+    loss, grad, _ = loss_and_grad(build_objective("archer", **base, kl_knowledge=0.1, kl_reasoning=0.3), batch)
+    # row 0: knowledge t0 (1 - ln2), t2 (0) -> (1 - ln2) / 2; reasoning t1 (0), t3 (ln2 - 1/2) -> (ln2 - 1/2) / 2
+    # row 1: knowledge t0 (0), t1 (1 - ln2) -> (1 - ln2) / 2; reasoning t2 (1 - ln2) -> 1 - ln2
+    # mean over the 2 responses: KL_k = (1 - ln2) / 2, KL_r = (ln2/2 - 1/4 + 1 - ln2) / 2 = 3/8 - ln2/4
+    expected_kl = 0.1 * (1 - LN2) / 2 + 0.3 * (3 / 8 - LN2 / 4)
+    assert (loss - loss0).item() == pytest.approx(expected_kl, abs=1e-12)
+    # grad = coef / |c_i| / N * (1 - e^d): row 0 knowledge 0.1/2/2, reasoning 0.3/2/2;
+    # row 1 knowledge 0.1/2/2, reasoning 0.3/1/2 -> t3 of row 0: 0.075 * 1/2, t2 of row 1: 0.15 * -1
+    expected = torch.tensor([[-0.025, 0.0, 0.0, 0.0375], [0.0, -0.025, -0.15, 0.0]], dtype=D)
+    torch.testing.assert_close(grad - grad0, expected, atol=1e-12, rtol=0)
+
+
+def released_run_loss(batch: PolicyBatch, q: float, eps_k: float, eps_r: float, c: float, kl_k: float,
+                      kl_r: float) -> torch.Tensor:
+    """ArcherCodeR's actor, independently: micro-batches of one response, loss_agg_mode=token-mean.
+
+    ArcherCodeR verl/workers/actor/dp_actor.py @ 8a1785be: per micro-batch, pg_loss and each class's
+    KL (low_var_kl) are verl's masked_mean over that response (lines 403-446), and the micro-batch
+    loss is divided by gradient_accumulation = the number of responses (lines 359, 462).
+    """
+    knowledge, reasoning = class_masks(batch, q)
+    mask = batch.mask.bool()
+    n = int(mask.any(-1).sum())
+    total = batch.logprobs.new_zeros(())
+    for i in range(batch.logprobs.shape[0]):
+        m = mask[i]
+        if not m.any():
+            continue
+        rho = torch.exp(batch.logprobs[i] - batch.old_logprobs[i])
+        a = batch.advantages[i]
+        eps = torch.where(reasoning[i], torch.tensor(eps_r, dtype=D), torch.tensor(eps_k, dtype=D))
+        pg = torch.maximum(-a * rho, -a * torch.clamp(rho, 1 - eps, 1 + eps))
+        pg = torch.where(a < 0, torch.minimum(pg, -c * a), pg)
+        d = (batch.ref_logprobs[i] - batch.logprobs[i]).clamp(-20, 20)
+        kld = (torch.exp(d) - d - 1).clamp(-10, 10)
+
+        def mmean(v, sel):
+            return (v * sel).sum() / (sel.sum() + 1e-8)
+
+        loss_i = mmean(pg, m.to(D)) + kl_k * mmean(kld, knowledge[i].to(D)) + kl_r * mmean(kld, reasoning[i].to(D))
+        total = total + loss_i / n
+    return total
+
+
+@pytest.mark.parametrize("kl_r", [0.0, 0.05])
+def test_kl_per_response_with_seq_mean_reproduces_the_released_run(kl_r):
+    batch = random_batch(21, B=5, T=7)
+    obj = build_objective("archer", q=0.8, kl_knowledge=0.001 * 50, kl_reasoning=kl_r, dual_clip=10.0,
+                          agg="seq_mean_token_mean", kl_per_response=True)
+    loss, grad, _ = loss_and_grad(obj, batch)
+    batch.logprobs.grad = None
+    ref = released_run_loss(batch, 0.8, 0.2, 0.5, 10.0, 0.05, kl_r)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(grad, batch.logprobs.grad, rtol=1e-7, atol=1e-7)
+    # the step-token KL mean (the default) is a different quantity on ragged responses
+    other, _, _ = loss_and_grad(build_objective("archer", q=0.8, kl_knowledge=0.05, kl_reasoning=kl_r,
+                                                agg="seq_mean_token_mean"), batch)
+    assert not torch.allclose(other, loss)
+
+
+@pytest.mark.parametrize("split", [[1, 4], [2, 2, 1], [1, 1, 1, 1, 1]])
+def test_kl_per_response_is_invariant_to_micro_batching(split):
+    batch = random_batch(22, B=5, T=7)
+    obj = build_objective("archer", kl_knowledge=0.2, kl_reasoning=0.1, agg="seq_mean_token_mean",
+                          kl_per_response=True)
+    full, full_grad, _ = loss_and_grad(obj, batch)
+    batch.num_sequences = batch.mask.bool().any(-1).sum()  # the trainer's global count
+    batch.logprobs.grad = None
+    stats = obj.step_statistics(batch, Reducer())
+    total, start = 0.0, 0
+    for size in split:
+        idx = torch.arange(start, start + size)
+        micro = PolicyBatch(**{k: (v[idx] if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
+                               for k, v in vars(batch).items()})
+        micro.step_stats = rows_of(stats, idx, 5)
+        total = total + obj(micro).loss
+        start += size
+    total.backward()
+    torch.testing.assert_close(total.detach(), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(batch.logprobs.grad, full_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_masked_row_quantile_hand_values_and_nanquantile():
     v = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.5, 0.5, 0.9, 7.0], [1.0, 2.0, 3.0, 4.0]], dtype=D)
     m = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]])

@@ -20,7 +20,6 @@ from rlclip.objectives.base import (
     LOG_RATIO_CLAMP,
     Objective,
     Reducer,
-    kl_estimate,
     masked_mean,
     register_objective,
 )
@@ -97,6 +96,20 @@ class Archer(Objective):
             ``batch`` (one quantile over the batch's counted tokens).
         kl_clamp: clamp of the per-token KL value (verl's low_var_kl uses 10);
             None disables.
+        kl_per_response: average each class's KL per response, then over
+            responses, instead of over the step's class tokens (see below).
+            With ``agg: seq_mean_token_mean`` this is the authors' released run
+            (``ppo_micro_batch_size_per_gpu=1`` with ``loss_agg_mode=token-mean``,
+            so every loss term is a per-response mean); docs/conventions.md.
+
+    Per-class KL. Default (``kl_per_response=False``), with K the step's
+    knowledge tokens: KL_k = sum_{t in K} KL_t / |K|. With ``kl_per_response``,
+    with K_i the knowledge tokens of response i and N the step's number of
+    responses with counted tokens (``PolicyBatch.num_sequences``):
+    KL_k = (1/N) sum_i [sum_{t in K_i} KL_t / |K_i|], a response without a token
+    of the class adding 0 (as verl's ``masked_mean`` in the authors' actor,
+    verl/workers/actor/dp_actor.py of ArcherCodeR, which then divides by the
+    gradient-accumulation count, the number of responses). Same for reasoning.
 
     The token classes, the class token counts and (``threshold="batch"``) the
     quantile are step statistics (:meth:`step_statistics`): computed once over
@@ -112,7 +125,8 @@ class Archer(Objective):
 
     def __init__(self, *, q: float = 0.8, eps_knowledge: float = 0.2, eps_reasoning: float = 0.5,
                  kl_knowledge: float = 0.001, kl_reasoning: float = 0.0, dual_clip: float | None = 10.0,
-                 threshold: str = "response", kl_clamp: float | None = 10.0, **shared: Any) -> None:
+                 threshold: str = "response", kl_clamp: float | None = 10.0, kl_per_response: bool = False,
+                 **shared: Any) -> None:
         super().__init__(**shared)
         if not 0.0 <= q <= 1.0:
             raise ConfigError(f"archer: q must be in [0, 1], got {q}")
@@ -131,6 +145,7 @@ class Archer(Objective):
         self.eps_knowledge, self.eps_reasoning = float(eps_knowledge), float(eps_reasoning)
         self.kl_knowledge, self.kl_reasoning = float(kl_knowledge), float(kl_reasoning)
         self.dual_clip, self.kl_clamp = dual_clip, kl_clamp
+        self.kl_per_response = bool(kl_per_response)
         if self.kl_knowledge > 0 or self.kl_reasoning > 0:
             self.needs = self.needs | {"ref"}
         # step-wide statistics matter only for the per-class KL means and the batch quantile
@@ -194,16 +209,45 @@ class Archer(Objective):
                 raise ValueError("archer with kl_knowledge or kl_reasoning > 0 needs PolicyBatch.ref_logprobs")
             return penalty, metrics
         knowledge, reasoning, _, _ = self.token_classes(batch)
-        kl = kl_estimate(batch.logprobs, batch.ref_logprobs, self.kl_estimator)  # [B, T]
+        kl = self.kl_terms(batch)  # [B, T]
         if self.kl_clamp is not None:
             kl = kl.clamp(-self.kl_clamp, self.kl_clamp)
         kl = torch.where(batch.mask.bool(), kl, torch.zeros_like(kl))  # inf on padding never reaches a mean
         metrics = {**metrics, "kl_knowledge": masked_mean(kl.detach(), knowledge),
                    "kl_reasoning": masked_mean(kl.detach(), reasoning)}
         if weighted:
-            stats = batch.step_stats if batch.step_stats is not None else self.step_statistics(batch, Reducer())
-            # class sums over this batch divided by the class counts of the whole step
-            kl_k = (kl * knowledge).sum() / stats["n_knowledge"].clamp_min(1).to(kl.dtype)
-            kl_r = (kl * reasoning).sum() / stats["n_reasoning"].clamp_min(1).to(kl.dtype)
+            if self.kl_per_response:
+                kl_k, kl_r = self.class_kl_per_response(kl, knowledge, batch), \
+                    self.class_kl_per_response(kl, reasoning, batch)
+            else:
+                kl_k, kl_r = self.class_kl_per_token(kl, knowledge, reasoning, batch)
             penalty = penalty + self.kl_knowledge * kl_k + self.kl_reasoning * kl_r
         return penalty, metrics
+
+    def class_kl_per_token(self, kl: Tensor, knowledge: Tensor, reasoning: Tensor,
+                           batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """Each class's KL summed over this batch, divided by the class's token count over the whole step.
+
+        KL_c = sum_{t in c} KL_t / N_c(step), N_c a step statistic, so micro-batches add up to the step's mean.
+        """
+        stats = batch.step_stats if batch.step_stats is not None else self.step_statistics(batch, Reducer())
+        kl_k = (kl * knowledge).sum() / stats["n_knowledge"].clamp_min(1).to(kl.dtype)
+        kl_r = (kl * reasoning).sum() / stats["n_reasoning"].clamp_min(1).to(kl.dtype)
+        return kl_k, kl_r
+
+    @staticmethod
+    def class_kl_per_response(kl: Tensor, cls: Tensor, batch: PolicyBatch) -> Tensor:
+        """Mean over responses of each response's class-mean KL (``kl_per_response``).
+
+        KL_c = (1/N) sum_i sum_{t in c_i} KL_t / max(|c_i|, 1), with ``kl [B, T]`` zero off
+        the counted tokens and ``cls [B, T]`` the class mask. |c_i| is per row (a micro-batch
+        holds whole rows, so it needs no reduction); N is the step's number of responses with
+        counted tokens (``batch.num_sequences``, a global count from the trainer), else this
+        batch's, so micro-batches add up to the step's value.
+        """
+        cls = cls.to(kl.dtype)
+        per_row = (kl * cls).sum(-1) / cls.sum(-1).clamp_min(1)  # [B]
+        n = batch.num_sequences
+        if n is None:
+            n = batch.mask.bool().any(-1).sum().clamp_min(1)
+        return per_row.sum() / torch.as_tensor(n, dtype=kl.dtype, device=kl.device)
