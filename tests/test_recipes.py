@@ -45,3 +45,28 @@ def test_every_config_field_has_a_docstring():
             for field, doc in zip(body[::2], body[1::2]):
                 assert isinstance(field, ast.AnnAssign), (node.name, ast.dump(field)[:80])
                 assert isinstance(doc, ast.Expr) and isinstance(doc.value.value, str), (node.name, field.target.id)
+
+
+NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")
+
+
+@pytest.mark.parametrize("name", NEW_OBJECTIVES)
+def test_every_new_objective_has_a_gsm8k_recipe(name):
+    from rlclip.config import build_objective_from_config
+
+    path = ROOT / f"recipes/gsm8k/grpo_{name}.yaml"
+    assert path in RECIPES
+    config = load_config(path)
+    assert config.objective["name"] == name and config.data.name == "gsm8k"
+    assert build_objective_from_config(config).name == name
+
+
+def test_archer_recipe_reproduces_the_released_run():
+    """ArcherCodeR's micro-batches of one response with token-mean: per-response policy loss and class KL."""
+    from rlclip.config import build_objective_from_config
+
+    obj = build_objective_from_config(load_config(ROOT / "recipes/gsm8k/grpo_archer.yaml"))
+    assert obj.agg == "seq_mean_token_mean" and obj.kl_per_response
+    assert (obj.q, obj.eps_knowledge, obj.eps_reasoning, obj.kl_knowledge, obj.kl_reasoning, obj.dual_clip) == \
+        (0.8, 0.2, 0.5, 0.001, 0.0, 10.0)
+    assert obj.kl_estimator == "low_var_kl" and not obj.kl_bias_correction
