@@ -92,11 +92,21 @@ def test_explained_variance_over_global_moments():
     assert ev(torch.tensor([[2.0, 1.0, 4.0, 3.0, 0.0]])) == pytest.approx(1 - 1.0 / 1.25)  # Var[R-V] = 1, Var[R] = 1.25
 
 
+NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")  # issue 12
+"""These train 3 steps with mu = 2 on a smaller rollout (fast); the others 2 steps of the smoke recipe."""
+
+
 @pytest.mark.parametrize("objective", [n for n in available_objectives() if not n.startswith("test_")])
 def test_every_objective_runs_in_ppo_mode(tmp_path, objective):
-    cfg = tiny_config(tmp_path, "advantage.name=gae", f"objective.name={objective}", "max_steps=2",
-                      "critic.learning_rate=1e-3")
+    if objective in NEW_OBJECTIVES:
+        extra = ["max_steps=3", "train.num_iterations=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+                 "rollout.max_new_tokens=8", "train.micro_batch_size=2"]
+    else:
+        extra = ["max_steps=2"]
+    cfg = tiny_config(tmp_path, "advantage.name=gae", f"objective.name={objective}", "critic.learning_rate=1e-3",
+                      *extra)
     history = Trainer(cfg).train()
+    assert len(history) == cfg.max_steps
     for key in ("critic/value_loss", "critic/explained_variance", "critic/value_clip_frac",
                 "critic/returns_mean", "critic/returns_std", "loss"):
         assert key in history[-1] and torch.isfinite(torch.tensor(history[-1][key]))
