@@ -73,6 +73,17 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to,
                                        project_dir=config.output_dir)
         self.lock = self._claim_output_dir()  # before anything heavy: a bad output_dir fails in a second
+        try:
+            self._set_up(reward_funcs, reward_weights, train_dataset)
+        except BaseException:
+            if self.lock is not None:  # a failed construction must not keep the directory locked
+                self.lock.release()
+            raise
+
+    def _set_up(self, reward_funcs: Sequence[Callable[..., Any]] | None, reward_weights: Sequence[float] | None,
+                train_dataset: Any) -> None:
+        """Objective, clipper, data, model, reference, optimizer, critic: everything after the output_dir."""
+        config = self.config
         set_seed(config.seed)
         self.objective = build_objective_from_config(config)
         self.clipper = build_clipper_from_config(config)

@@ -73,6 +73,41 @@ def model_dir(name: str, drop: tuple[str, ...] = (), **replace: str | bytes) -> 
 
 
 REWARDS_PY = "def wrong_length(prompts, completions, **kwargs):\n    return [1.0]\n"
+FAULTY_PY = """\
+from rlclip.objectives import Objective, register_objective
+
+
+def nan_reward(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def divides(prompts, completions, **kwargs):
+    return [1 / 0 for _ in completions]
+
+
+@register_objective("early_sum")
+class EarlySum(Objective):
+    def surrogate(self, batch):
+        return (-batch.advantages * batch.logprobs).sum(-1), {}
+
+
+@register_objective("always_nan")
+class AlwaysNaN(Objective):
+    def surrogate(self, batch):
+        return batch.logprobs * float("nan"), {}
+"""
+REWARD_RUN = ["--imports", "{tmp}/r.py", "--max_steps", "1", "--reward.funcs"]
+_LOCKS: list = []
+
+
+def _hold_lock(directory: Path) -> None:
+    """Another run's lock on ``directory`` (held until the test process ends)."""
+    from rlclip.checkpoint import RunLock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(directory)
+    lock.acquire()
+    _LOCKS.append(lock)
 
 CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- command line
@@ -160,6 +195,24 @@ CASES: dict[str, Case] = {
                                files={"test.jsonl": '{"question": "caf\xe9?", "answer": "#### 1"}\n'.encode("latin-1")}),
     "eval-model-no-tokenizer": Case(["eval", "--suite", "gsm8k", "--model", "{tmp}/m"],
                                     files=model_dir("m", drop=("tokenizer.json", "tokenizer_config.json"))),
+    # ---------------------------------------------------------------- training runs (tiny model)
+    "run-keep-last-zero": Case([*TRAIN, "--keep_last", "0"]),
+    "run-on-error-unknown": Case([*TRAIN, "--reward.on_error", "ignore"]),
+    "run-grad-clip-unknown": Case([*TRAIN, "--train.grad_clip", "{name: autoclp}"]),
+    "run-output-dir-is-file": Case([*TRAIN, "--output_dir", "{tmp}/f"], files={"f": "not a directory"}),
+    "run-output-dir-used": Case([*TRAIN, "--output_dir", "{tmp}/run"], files={"run/metrics.jsonl": '{"step": 1}\n'}),
+    "run-output-dir-locked": Case([*TRAIN, "--output_dir", "{tmp}/run"], setup=lambda tmp: _hold_lock(tmp / "run")),
+    "run-resume-nothing": Case([*TRAIN, "--output_dir", "{tmp}/run", "--resume_from_checkpoint", "latest"]),
+    "run-prompts-all-rejected": Case([*TRAIN, "--output_dir", "{tmp}/run", "--rollout.max_prompt_length", "1",
+                                      "--rollout.prompt_overflow", "reject"]),
+    "run-reward-nan": Case([*TRAIN, "--output_dir", "{tmp}/run", *REWARD_RUN, '[{name: "rlclip_user_r:nan_reward"}]'],
+                           files={"r.py": FAULTY_PY}),
+    "run-reward-raises": Case([*TRAIN, "--output_dir", "{tmp}/run", *REWARD_RUN, '[{name: "rlclip_user_r:divides"}]'],
+                              files={"r.py": FAULTY_PY}),
+    "run-objective-wrong-shape": Case([*TRAIN, "--output_dir", "{tmp}/run", "--imports", "{tmp}/r.py",
+                                       "--objective.name", "early_sum", "--max_steps", "1"], files={"r.py": FAULTY_PY}),
+    "run-objective-always-nan": Case([*TRAIN, "--output_dir", "{tmp}/run", "--imports", "{tmp}/r.py",
+                                      "--objective.name", "always_nan"], files={"r.py": FAULTY_PY}),
 }
 
 

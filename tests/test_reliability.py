@@ -276,7 +276,7 @@ def _script(tmp, *args, env_extra=None):
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     proc = _script(tmp_path, "kill-in-save")
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (tmp_path / "checkpoint-8").exists()
@@ -288,16 +288,16 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
 def test_sigterm_saves_and_resume_is_bit_identical(tmp_path):
     straight = tmp_path / "straight"
     proc = _script(straight, "plain")
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-2000:]
     stopped = tmp_path / "stopped"
     proc = _script(stopped, "plain", env_extra={"RLCLIP_TEST_SIGTERM_AT": "3"})
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM after step 3" in err and "--resume_from_checkpoint latest" in err
     assert (stopped / "checkpoint-3" / "rollout_0.pt").is_file()  # mid-rollout: the rollout is saved
     proc = _script(stopped, "resume")
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-2000:]
     from safetensors.torch import load_file
 

@@ -57,6 +57,9 @@ def resolve_reward_func(name: str, kwargs: dict[str, Any] | None = None) -> Rewa
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"reward function {name!r} cannot be imported ({err}); "
                               "give 'package.module:function' on the Python path") from None
+        except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+            raise UserCodeError(f"{describe_user_exception(f'importing reward module {module!r}', err)}; "
+                                "fix the module (--debug shows the traceback)") from err
     else:
         raise ConfigError(f"unknown reward function {name!r}; choose one of {', '.join(BUILTIN)} "
                           "or give 'package.module:function'")
