@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -51,6 +52,10 @@ from rlclip.utils import (
     rows_of,
     split_indices,
 )
+
+# transformers 5 deprecates a name that TRL's unwrap_model_for_generation still reads on every rollout;
+# the warning says nothing to an rlclip user and splits the progress bar.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class Trainer:
@@ -229,6 +234,13 @@ class Trainer:
         history: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.logging.progress_bar))
+        try:
+            return self._loop(bar, history)
+        finally:
+            bar.close()  # an error message then starts on its own line
+
+    def _loop(self, bar: tqdm, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        cfg, acc = self.config, self.accelerator
         while self.step < cfg.max_steps:
             start = time.perf_counter()
             rollout, rollout_metrics, done = self.pending or self.rollout()
@@ -243,7 +255,6 @@ class Trainer:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
                 done += 1
                 if self.stop.requested(acc) and self.step < cfg.max_steps:
-                    bar.close()
                     return self._stop_gracefully(rollout, rollout_metrics, done, history)
             self.rollout_index += 1
             if cfg.save_steps and self.step // cfg.save_steps > (self.step - self._steps_per_rollout()) // cfg.save_steps:
