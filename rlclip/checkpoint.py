@@ -24,7 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from rlclip.errors import ConfigError
+from rlclip.utils import all_reduce
 
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 LOCK_NAME = ".rlclip.lock"
@@ -66,6 +69,25 @@ def clear_previous_run(path: Path) -> None:
         shutil.rmtree(child, ignore_errors=True)
     for child in path.glob(PARTIAL_PREFIX + "*"):
         shutil.rmtree(child, ignore_errors=True)
+
+
+def claim_output_dir(acc: Any, output_dir: Path, resuming: bool, overwrite: bool) -> RunLock | None:
+    """Refuse a file, an unwritable or used output_dir, and a second concurrent run (all processes agree)."""
+    check_output_dir(output_dir, resuming, overwrite)
+    lock, error = None, None
+    if acc.is_main_process:
+        lock = RunLock(output_dir)
+        try:
+            lock.acquire()
+        except ConfigError as err:
+            error, lock = err, None
+        if lock is not None and overwrite and not resuming:
+            clear_previous_run(output_dir)
+    failed = all_reduce(acc, torch.tensor(float(error is not None), device=acc.device), "max")
+    if bool(failed > 0):
+        raise error or ConfigError(f"output_dir {output_dir} is in use by another run; wait for it "
+                                   "to finish or choose another --output_dir")
+    return lock
 
 
 class RunLock:

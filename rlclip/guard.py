@@ -59,3 +59,20 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def mask_nonfinite(rollout: Any, accelerator: Accelerator) -> dict[str, float]:
+    """Tokens whose behaviour, reference or value estimates are not finite do not count; they are counted."""
+    mask = rollout.completion_mask.bool()  # [N, T]
+    bad = torch.zeros_like(mask)
+    for values in (rollout.old_logprobs, rollout.ref_logprobs, rollout.old_values):
+        if values is not None:
+            bad |= ~torch.isfinite(values) & mask
+    count = all_reduce(accelerator, bad.sum().double(), "sum").item()
+    if count:
+        rollout.completion_mask = rollout.completion_mask.masked_fill(bad, 0)
+        for name in ("old_logprobs", "ref_logprobs", "old_values"):
+            values = getattr(rollout, name)
+            if values is not None:  # finite placeholders: masked tokens must not turn sums into NaN
+                setattr(rollout, name, values.masked_fill(bad, 0.0))
+    return {"behaviour/nonfinite_tokens": count}

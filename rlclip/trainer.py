@@ -31,12 +31,13 @@ from transformers import get_scheduler
 from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
-from rlclip.checkpoint import Checkpointer, RunLock, check_output_dir, clear_previous_run, truncate_metrics
+from rlclip.checkpoint import Checkpointer, claim_output_dir, truncate_metrics
 from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
 from rlclip.errors import ConfigError
-from rlclip.guard import NonFiniteGuard
+from rlclip.grad_clip import build_clipper
+from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.modeling import load_model, load_model_and_tokenizer
 from rlclip.objectives.base import aggregate, masked_mean
@@ -77,7 +78,8 @@ class Trainer:
         report_to = None if config.logging.report_to == "none" else config.logging.report_to
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to,
                                        project_dir=config.output_dir)
-        self.lock = self._claim_output_dir()  # before anything heavy: a bad output_dir fails in a second
+        self.lock = claim_output_dir(self.accelerator, self.output_dir, bool(config.resume_from_checkpoint),
+                                     config.overwrite_output_dir)  # before anything heavy: a bad output_dir fails in a second
         try:
             self._set_up(reward_funcs, reward_weights, train_dataset)
         except BaseException:
@@ -114,31 +116,13 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = self._critic()
+        self.critic_clipper = build_clipper("norm", max_norm=config.critic.max_grad_norm)
         set_seed(config.seed, device_specific=True)  # different samples on each process
         self.step = 0
         self.rollout_index = 0
         self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
         self.stopped_by: str | None = None  # the signal that stopped train() early
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model)
-
-    def _claim_output_dir(self) -> RunLock | None:
-        """Refuse a file, an unwritable or used output_dir, and a second concurrent run (all processes agree)."""
-        cfg, acc = self.config, self.accelerator
-        check_output_dir(self.output_dir, bool(cfg.resume_from_checkpoint), cfg.overwrite_output_dir)
-        lock, error = None, None
-        if acc.is_main_process:
-            lock = RunLock(self.output_dir)
-            try:
-                lock.acquire()
-            except ConfigError as err:
-                error, lock = err, None
-            if lock is not None and cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-                clear_previous_run(self.output_dir)
-        failed = all_reduce(acc, torch.tensor(float(error is not None), device=acc.device), "max")
-        if bool(failed > 0):
-            raise error or ConfigError(f"output_dir {self.output_dir} is in use by another run; wait for it "
-                                       "to finish or choose another --output_dir")
-        return lock
 
     def _say(self, message: str) -> None:
         """A one-line notice on the main process (stderr, so it never mixes with results on stdout)."""
@@ -395,23 +379,7 @@ class Trainer:
         rollout.ref_logprobs = torch.cat(ref) if ref else None
         if "support" in needs:
             rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
-        return self._mask_nonfinite(rollout)
-
-    def _mask_nonfinite(self, rollout: RolloutBatch) -> dict[str, float]:
-        """Tokens whose behaviour, reference or value estimates are not finite do not count; they are counted."""
-        mask = rollout.completion_mask.bool()  # [N, T]
-        bad = torch.zeros_like(mask)
-        for values in (rollout.old_logprobs, rollout.ref_logprobs, rollout.old_values):
-            if values is not None:
-                bad |= ~torch.isfinite(values) & mask
-        count = all_reduce(self.accelerator, bad.sum().double(), "sum").item()
-        if count:
-            rollout.completion_mask = rollout.completion_mask.masked_fill(bad, 0)
-            for name in ("old_logprobs", "ref_logprobs", "old_values"):
-                values = getattr(rollout, name)
-                if values is not None:  # finite placeholders: masked tokens must not turn sums into NaN
-                    setattr(rollout, name, values.masked_fill(bad, 0.0))
-        return {"behaviour/nonfinite_tokens": count}
+        return mask_nonfinite(rollout, self.accelerator)
 
     def _reference_logprobs(self, micro: RolloutBatch) -> Tensor:
         if self.ref_model is not None:
@@ -491,7 +459,8 @@ class Trainer:
         """Non-finite guard -> gradient clipper -> optimizer steps; a non-finite step changes nothing."""
         policy_params = [p for p in self.model.parameters() if p.requires_grad] if train_policy else []
         norm = self.clipper.measure(policy_params) if train_policy else torch.zeros(())
-        critic_norm = self._critic_grad_norm() if self.critic is not None else torch.zeros(())
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
+        critic_norm = self.critic_clipper.measure(critic_params) if self.critic is not None else torch.zeros(())
         take = self.guard.take_step(self.step, policy_loss, critic_loss, norm, critic_norm)
         result = {"optim/skipped_steps": float(self.guard.skipped)}
         if train_policy and take:
@@ -504,7 +473,7 @@ class Trainer:
         if self.critic is not None:
             result["critic/grad_norm"] = float(critic_norm)
             if take:
-                self._clip_critic(critic_norm)
+                self.critic_clipper.apply(critic_params, critic_norm)
                 self.critic_optimizer.step()
             self.critic_optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -573,16 +542,6 @@ class Trainer:
             old_support_logprobs=stats.get("old_support_logprobs"), support_mask=stats.get("support_mask"),
             num_tokens=num_tokens, num_sequences=num_sequences, truncated=micro.truncated,
         )
-
-    def _critic_grad_norm(self) -> Tensor:
-        grads = [p.grad.detach() for p in self.critic.parameters() if p.requires_grad and p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-
-    def _clip_critic(self, norm: Tensor) -> None:
-        max_norm = self.config.critic.max_grad_norm
-        if max_norm > 0 and float(norm) > max_norm:
-            grads = [p.grad for p in self.critic.parameters() if p.requires_grad and p.grad is not None]
-            torch._foreach_mul_(grads, max_norm / (float(norm) + 1e-6))
 
     # ------------------------------------------------------------------ outputs
     def log(self, metrics: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from conftest import ROOT, tiny_config
 from rlclip.errors import ConfigError, ObjectiveError, RewardError, TrainingError, UserCodeError
+from rlclip.guard import mask_nonfinite
 from rlclip.objectives import Objective, register_objective
 from rlclip.objectives.base import _REGISTRY
 from rlclip.trainer import Trainer
@@ -111,7 +112,7 @@ def test_nonfinite_behaviour_logprobs_mask_their_tokens(tmp_path):
     before = int(rollout.completion_mask.sum())
     rollout.old_logprobs[0, 0] = float("nan")
     rollout.old_logprobs[1, 0] = float("inf")
-    metrics = trainer._mask_nonfinite(rollout)
+    metrics = mask_nonfinite(rollout, trainer.accelerator)
     assert metrics["behaviour/nonfinite_tokens"] == 2
     assert int(rollout.completion_mask.sum()) == before - 2
     assert bool(torch.isfinite(rollout.old_logprobs).all())
