@@ -23,3 +23,21 @@ def tiny_config(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def two_process(tmp_path_factory) -> Path:
+    """The output directory of the one 2-process run (``tests/scripts/two_process.py`` under
+    ``accelerate launch --multi_gpu`` on CPU, gloo), shared by every test that checks two processes."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("two_process")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*launch, str(ROOT / "tests/scripts/two_process.py"), str(out)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out

@@ -1,14 +1,12 @@
-"""Two processes, a NaN injected into one process's gradient at step 2 (run under accelerate launch).
+"""A NaN injected into one process's gradient at step 2 (run by ``two_process.py``).
 
-Usage: python nan_grad.py OUT_DIR
-Training uses the zclip gradient clipper (warm-up 2 steps). Each process writes
-OUT_DIR/rank<R>.json with its skipped-step counts, its clipper thresholds,
-whether its weights are finite, and a checksum of its weights.
+Training uses the zclip gradient clipper (warm-up 2 steps). The report holds
+this process's skipped-step counts, its clipper thresholds, whether its weights
+are finite, and a checksum of its weights.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from conftest import tiny_config  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
+def nan_grad_report(out: Path) -> dict:
     apply = Trainer._apply_gradients
 
     def poisoned(self, train_policy, policy_loss, critic_loss):
@@ -29,16 +26,14 @@ def main() -> None:
         return apply(self, train_policy, policy_loss, critic_loss)
 
     Trainer._apply_gradients = poisoned
-    trainer = Trainer(tiny_config(out / "run", "max_steps=6", "save_steps=0",
-                                  "train.grad_clip={name: zclip, warmup_steps: 2, max_grad_norm: null}"))
-    history = trainer.train()
+    try:
+        trainer = Trainer(tiny_config(out, "max_steps=6", "save_steps=0",
+                                      "train.grad_clip={name: zclip, warmup_steps: 2, max_grad_norm: null}"))
+        history = trainer.train()
+    finally:
+        Trainer._apply_gradients = apply
     weights = [p.detach() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
-    report = {"skipped": [h["optim/skipped_steps"] for h in history],
-              "thresholds": [h.get("grad/threshold") for h in history],
-              "finite": all(bool(torch.isfinite(w).all()) for w in weights),
-              "checksum": float(sum(w.double().sum() for w in weights))}
-    (out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(report))
-
-
-if __name__ == "__main__":
-    main()
+    return {"skipped": [h["optim/skipped_steps"] for h in history],
+            "thresholds": [h.get("grad/threshold") for h in history],
+            "finite": all(bool(torch.isfinite(w).all()) for w in weights),
+            "checksum": float(sum(w.double().sum() for w in weights))}

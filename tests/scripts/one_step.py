@@ -1,16 +1,14 @@
-"""One optimizer step on a fixed batch, for the invariance test (run alone or under a launcher).
+"""One optimizer step on a fixed batch, for the micro-batch and process-count invariance tests.
 
-Usage: python one_step.py OUT.pt MICRO_BATCH_SIZE [train] [key=value ...]
-Each process takes its contiguous share of the same 4 sequences; rank 0 saves
-the parameters after the step. With ``train`` it then also trains two steps in
-GRPO mode and two in PPO mode and records the world size (the 2-process runs).
-``key=value`` arguments are config overrides (e.g. ``objective.name=archer``);
-the default objective is ratio_clip with eps_high 0.28 and dual clip 3.
+``step_once`` runs in the test process (1 process, micro-batch 4 or 1) and in
+``two_process.py`` (2 processes x micro-batch 2). Each process takes its
+contiguous share of the same 4 sequences. ``CASES`` are the settings compared:
+ratio_clip with eps_high 0.28 and dual clip 3 (``default``), and the objectives
+whose statistics span the optimizer step.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_config  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
 from rlclip.types import RolloutBatch  # noqa: E402
+
+CASES = {
+    "default": ["objective.eps_high=0.28", "objective.dual_clip=3.0"],
+    # archer with strong per-class KL terms: step-wide class counts (and the batch quantile)
+    "archer_response": ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5"],
+    "archer_batch": ["objective.name=archer", "objective.kl_knowledge=1.0", "objective.kl_reasoning=0.5",
+                     "objective.threshold=batch"],
+    # covariance over the step, and every token filter (a step-wide entropy quantile, truncated rows out
+    # of the denominators, off-policy sequences)
+    "clip_cov_filters": ["objective.name=clip_cov", "objective.clip_cov_ratio=0.2", "objective.clip_cov_lb=-1.0",
+                         "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true",
+                         "objective.off_policy_mask=0.05"],
+    "kl_cov": ["objective.name=kl_cov", "objective.kl_cov_ratio=0.2"],
+}
 
 
 def fixed_rollout(vocab: int) -> RolloutBatch:
@@ -37,14 +49,11 @@ def fixed_rollout(vocab: int) -> RolloutBatch:
                         prompts=["p"] * 4, completions=["c"] * 4, advantages=advantages)
 
 
-def main() -> None:
-    out, micro = sys.argv[1], int(sys.argv[2])
-    extra = [a for a in sys.argv[3:] if "=" in a]
-    train = "train" in sys.argv[3:]
-    objective = extra or ["objective.eps_high=0.28", "objective.dual_clip=3.0"]
-    tmp = Path(tempfile.mkdtemp())
-    cfg = tiny_config(tmp, f"train.micro_batch_size={micro}", "train.optimizer=sgd", "train.learning_rate=0.5",
-                      "train.max_grad_norm=0", *objective)
+def step_once(micro: int, case: str) -> dict:
+    """One plain-SGD step (no clipping, so any loss-normalisation error shows in the update) of ``case``;
+    returns this process's parameters after the step and the step's metrics."""
+    cfg = tiny_config(Path(tempfile.mkdtemp()), f"train.micro_batch_size={micro}", "train.optimizer=sgd",
+                      "train.learning_rate=0.5", "train.max_grad_norm=0", *CASES[case])
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     rollout = fixed_rollout(trainer.tokenizer.vocab_size)
@@ -56,19 +65,16 @@ def main() -> None:
     share = 4 // acc.num_processes
     local = rollout.select(torch.arange(acc.process_index * share, (acc.process_index + 1) * share))
     metrics = trainer.optimizer_step(local)
-    if acc.is_main_process:
-        params = {n: p.detach().cpu() for n, p in acc.unwrap_model(trainer.model).named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, out)
-    if train:
-        runs = {}
-        for mode, extra in (("grpo", []), ("ppo", ["advantage.name=gae", "critic.learning_rate=1e-3"])):
-            history = Trainer(tiny_config(tmp / mode, "max_steps=2", *extra)).train()
-            runs[mode] = [h["step"] for h in history]
-            if mode == "ppo":
-                runs["ppo_explained_variance"] = history[-1]["critic/explained_variance"]
-        if acc.is_main_process:
-            Path(out).with_suffix(".json").write_text(json.dumps({"world_size": acc.num_processes, **runs}))
+    params = {n: p.detach().cpu().clone() for n, p in acc.unwrap_model(trainer.model).named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
-if __name__ == "__main__":
-    main()
+def train_two_modes() -> dict:
+    """Two steps in GRPO mode and two in PPO mode (critic, GAE with globally whitened advantages)."""
+    runs = {}
+    for mode, extra in (("grpo", []), ("ppo", ["advantage.name=gae", "critic.learning_rate=1e-3"])):
+        history = Trainer(tiny_config(Path(tempfile.mkdtemp()), "max_steps=2", *extra)).train()
+        runs[mode] = [h["step"] for h in history]
+        if mode == "ppo":
+            runs["ppo_explained_variance"] = history[-1]["critic/explained_variance"]
+    return runs

@@ -1,0 +1,45 @@
+"""Everything the suite checks across two processes, in one ``accelerate launch --multi_gpu`` run.
+
+Usage: accelerate launch --multi_gpu --num_processes 2 two_process.py OUT_DIR
+One launch instead of one per check: each process start imports torch,
+transformers and accelerate, which costs far more than the checks themselves.
+Writes into OUT_DIR:
+  step_<case>.pt     parameters and metrics after one step of each ``one_step.CASES`` case (rank 0)
+  train.json         world size, GRPO and PPO step numbers, PPO explained variance (rank 0)
+  nan_rank<R>.json   the NaN-gradient report of each rank (``nan_grad.py``)
+  sharded_rank<R>.json  clipper norms on DTensor gradients of each rank (``sharded_norms.py``)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nan_grad import nan_grad_report  # noqa: E402
+from one_step import CASES, step_once, train_two_modes  # noqa: E402
+from sharded_norms import sharded_norms  # noqa: E402
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    results = {case: step_once(2, case) for case in CASES}
+    runs = train_two_modes()
+    nan_report = nan_grad_report(out / "nan_run")
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sharded = sharded_norms()
+    (out / f"nan_rank{rank}.json").write_text(json.dumps(nan_report))
+    (out / f"sharded_rank{rank}.json").write_text(json.dumps(sharded))
+    if rank == 0:
+        for case, result in results.items():
+            torch.save(result, out / f"step_{case}.pt")
+        (out / "train.json").write_text(json.dumps({"world_size": world, **runs}))
+
+
+if __name__ == "__main__":
+    main()
