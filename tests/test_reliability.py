@@ -269,16 +269,11 @@ def test_partial_checkpoint_from_a_killed_save_is_never_picked(tmp_path):
     assert [h["step"] for h in history] == [5, 6]
 
 
-def _script(tmp, *args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(tmp), *map(str, args)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
-    proc = _script(tmp_path, "kill-in-save")
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (tmp_path / "checkpoint-8").exists()
     history = Trainer(tiny_config(tmp_path, "max_steps=8", "save_steps=4",
@@ -286,20 +281,29 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     assert [h["step"] for h in history] == [5, 6, 7, 8]
 
 
-def test_sigterm_saves_and_resume_is_bit_identical(tmp_path):
-    straight = tmp_path / "straight"
-    proc = _script(straight, "plain")
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-2000:]
-    stopped = tmp_path / "stopped"
-    proc = _script(stopped, "plain", env_extra={"RLCLIP_TEST_SIGTERM_AT": "3"})
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-2000:]
+def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    """A real SIGTERM, delivered to this process right after optimizer step 3 (mid-rollout)."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    a = Trainer(tiny_config(straight, "max_steps=8", "save_steps=4"))
+    a.train()
+    step = Trainer.optimizer_step
+
+    def stepping(self, mini_batch):
+        result = step(self, mini_batch)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(Trainer, "optimizer_step", stepping)
+    capsys.readouterr()
+    b = Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4"))
+    b.train()
+    err = capsys.readouterr().err
+    assert b.stopped_by == "SIGTERM" and b.step == 3
     assert "stopped by SIGTERM after step 3" in err and "--resume_from_checkpoint latest" in err
     assert (stopped / "checkpoint-3" / "rollout_0.pt").is_file()  # mid-rollout: the rollout is saved
-    proc = _script(stopped, "resume")
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-2000:]
+    monkeypatch.setattr(Trainer, "optimizer_step", step)
+    Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4", "resume_from_checkpoint=latest")).train()
     from safetensors.torch import load_file
 
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
