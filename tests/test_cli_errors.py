@@ -1,4 +1,9 @@
-"""Bad input: a one-line error naming the problem, a non-zero exit, no traceback."""
+"""Bad input: a one-line error naming the problem, a non-zero exit, no traceback.
+
+Most cases call ``rlclip.cli.main`` in the test process (what ``python -m rlclip``
+runs); the unknown-command, missing-recipe and ``--debug`` cases go through a real
+``python -m rlclip`` process, which is cheap for them: they fail before torch loads.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,22 @@ def rlclip(*args, env_extra=None, cwd=ROOT):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "rlclip", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """``rlclip ARGS`` in this process: returns (exit code, stderr)."""
+    from rlclip.cli import main
+
+    def run(*args, pythonpath=None):
+        monkeypatch.chdir(ROOT)
+        if pythonpath:
+            monkeypatch.syspath_prepend(str(pythonpath))
+        capsys.readouterr()
+        code = main(list(args))
+        return subprocess.CompletedProcess(list(args), code, "", capsys.readouterr().err)
+
+    return run
 
 
 def assert_one_line_error(proc, *needles):
@@ -42,8 +63,8 @@ def assert_one_line_error(proc, *needles):
     (["--rollout.group_size", "1", "--train.mini_batches", "1"], ["group_size >= 2"]),
     (["--rollout.top_p", "1.5"], ["top_p"]),
 ])
-def test_config_errors(tmp_path, overrides, needles):
-    proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}", *overrides)
+def test_config_errors(tmp_path, overrides, needles, run_main):
+    proc = run_main("train", "--config", RECIPE, f"--output_dir={tmp_path}", *overrides)
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -100,16 +121,16 @@ REWARDS = textwrap.dedent("""
     ("wrong_length", ["'wrong_length' returned 1 values for 32 completions"]),
     ("needs_solution", ["'needs_solution'", "solution", "answer, question, suite"]),
 ])
-def test_reward_function_errors(tmp_path, func, needles):
+def test_reward_function_errors(tmp_path, func, needles, run_main):
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(open(RECIPE).read().replace("name: target_token", f"name: my_rewards:{func}"))
-    proc = rlclip("train", "--config", str(recipe), f"--output_dir={tmp_path}/out", "--max_steps", "1",
-                  env_extra={"PYTHONPATH": str(tmp_path)})
+    proc = run_main("train", "--config", str(recipe), f"--output_dir={tmp_path}/out", "--max_steps", "1",
+                    pythonpath=tmp_path)
     assert_one_line_error(proc, *needles)
 
 
-def test_reward_function_not_importable(tmp_path):
-    proc = rlclip("train", "--config", RECIPE, f"--output_dir={tmp_path}",
+def test_reward_function_not_importable(tmp_path, run_main):
+    proc = run_main("train", "--config", RECIPE, f"--output_dir={tmp_path}",
                   "--reward.funcs=[{name: 'nowhere:func'}]")
     assert_one_line_error(proc, "cannot be imported")
