@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest -n 2 --dist loadgroup tests
 
 lint: install
 	$(VENV)/bin/ruff check rlclip tests eval recipes

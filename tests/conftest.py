@@ -28,7 +28,10 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def two_process(tmp_path_factory) -> Path:
     """The output directory of the one 2-process run (``tests/scripts/two_process.py`` under
-    ``accelerate launch --multi_gpu`` on CPU, gloo), shared by every test that checks two processes."""
+    ``accelerate launch --multi_gpu`` on CPU, gloo), shared by every test that checks two processes.
+
+    Those tests carry ``@pytest.mark.xdist_group("two_process")`` so that under ``pytest -n 2 --dist
+    loadgroup`` (``make test``) one worker runs them all and the launch happens once."""
     import subprocess
     import sys
 

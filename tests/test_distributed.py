@@ -24,6 +24,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from one_step import CASES, step_once  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("two_process")  # one worker runs the suite's 2-process launch
 step = functools.lru_cache(step_once)  # each 1-process step is computed once per session
 
 

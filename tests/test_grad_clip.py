@@ -435,6 +435,7 @@ def test_user_subclass_is_built_by_name(user_clipper):
 
 
 # ---------------------------------------------------------------------------- FSDP2-style sharded gradients
+@pytest.mark.xdist_group("two_process")
 def test_sharded_dtensor_gradients_give_full_norms_identical_on_both_ranks(two_process):
     """DTensor gradients sharded over 2 processes (tests/scripts/sharded_norms.py, in the suite's 2-process run)."""
     rank0, rank1 = (json.loads((two_process / f"sharded_rank{r}.json").read_text()) for r in (0, 1))

@@ -333,6 +333,7 @@ def test_huge_prompt_rejected_by_config(tmp_path, capsys):
     assert "rejected 1 of 8 prompts longer than 64 tokens" in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("two_process")
 def test_nan_in_one_process_gradient_skips_the_step_on_both(two_process):
     """Also: the adaptive clipper's thresholds are identical on both processes (issue 17)."""
     ranks = [json.loads((two_process / f"nan_rank{r}.json").read_text()) for r in (0, 1)]
