@@ -19,9 +19,9 @@ def test_held_out_split_is_disjoint_and_complete():
 
 
 def test_demo_writes_summary_and_plot(tmp_path):
-    rc = main(["--objectives", "ratio_clip,troll", "--num-test", "10", "--model.name_or_path", "tiny",
+    rc = main(["--objectives", "ratio_clip,troll", "--num-test", "4", "--model.name_or_path", "tiny",
                "--max_steps", "2", f"--output_dir={tmp_path}", "--lora.last_layers", "1",
-               "--logging.progress_bar", "false"])
+               "--rollout.prompts_per_step", "2", "--logging.progress_bar", "false"])
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["objectives"]) == {"ratio_clip", "troll"}
