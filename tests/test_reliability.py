@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,18 +235,28 @@ def test_lock_keeps_a_second_run_out(tmp_path):
 # --- checkpoints -------------------------------------------------------------------------------------
 
 def test_keep_last_and_metrics_written_once_after_resume(tmp_path):
-    one_step = ["train.num_iterations=1", "train.mini_batches=1"]  # a checkpoint can fall on every step
-    Trainer(tiny_config(tmp_path, "max_steps=8", "save_steps=2", "keep_last=2", *one_step)).train()
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    # one optimizer step per rollout, so a checkpoint can fall on every step; small rollouts
+    small = ["train.num_iterations=1", "train.mini_batches=1", "rollout.prompts_per_step=2",
+             "rollout.group_size=4", "rollout.max_new_tokens=8"]
+    Trainer(tiny_config(tmp_path, "max_steps=6", "save_steps=2", "keep_last=2", *small)).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     # resume from an older checkpoint than the last logged step: rows after it are rewritten, not repeated
-    Trainer(tiny_config(tmp_path, "max_steps=8", "save_steps=2", "keep_last=2", *one_step,
-                        f"resume_from_checkpoint={tmp_path / 'checkpoint-6'}")).train()
-    assert [r["step"] for r in rows(tmp_path)] == list(range(1, 9))
+    Trainer(tiny_config(tmp_path, "max_steps=6", "save_steps=2", "keep_last=2", *small,
+                        f"resume_from_checkpoint={tmp_path / 'checkpoint-4'}")).train()
+    assert [r["step"] for r in rows(tmp_path)] == list(range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def eight_steps(tmp_path_factory):
+    """A finished 8-step run with checkpoint-4 and checkpoint-8 (copied by each test that damages it)."""
+    out = tmp_path_factory.mktemp("eight_steps")
+    Trainer(tiny_config(out, "max_steps=8", "save_steps=4")).train()
+    return out
 
 
 @pytest.mark.parametrize("damage", ["state/model.safetensors", "state/optimizer.bin", "trainer_state.json"])
-def test_latest_falls_back_from_a_damaged_checkpoint(tmp_path, damage, capsys):
-    Trainer(tiny_config(tmp_path, "max_steps=8", "save_steps=4")).train()
+def test_latest_falls_back_from_a_damaged_checkpoint(tmp_path, damage, capsys, eight_steps):
+    shutil.copytree(eight_steps, tmp_path, dirs_exist_ok=True)
     target = tmp_path / "checkpoint-8" / damage
     data = target.read_bytes()
     target.write_bytes(b"" if damage.endswith(".json") else data[: len(data) // 2])
@@ -253,20 +264,21 @@ def test_latest_falls_back_from_a_damaged_checkpoint(tmp_path, damage, capsys):
     with pytest.raises(ConfigError, match="checkpoint-8 cannot be loaded"):
         Trainer(tiny_config(tmp_path, "max_steps=9", f"resume_from_checkpoint={tmp_path / 'checkpoint-8'}")).train()
     capsys.readouterr()
-    history = Trainer(tiny_config(tmp_path, "max_steps=8", "resume_from_checkpoint=latest")).train()
+    history = Trainer(tiny_config(tmp_path, "max_steps=5", "resume_from_checkpoint=latest")).train()
     err = capsys.readouterr().err
     assert "checkpoint-8 cannot be loaded" in err and "falling back to checkpoint-4" in err
     assert "resumed from" in err and "checkpoint-4 at step 4" in err
-    assert [h["step"] for h in history] == [5, 6, 7, 8]
+    assert [h["step"] for h in history] == [5]
 
 
-def test_partial_checkpoint_from_a_killed_save_is_never_picked(tmp_path):
-    Trainer(tiny_config(tmp_path, "max_steps=4", "save_steps=4")).train()
-    partial = tmp_path / ".partial-checkpoint-8"  # what a SIGKILL during the next save leaves
+def test_partial_checkpoint_from_a_killed_save_is_never_picked(tmp_path, eight_steps):
+    shutil.copytree(eight_steps, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    partial = tmp_path / ".partial-checkpoint-8"  # what a SIGKILL during the save of checkpoint-8 leaves
     (partial / "state").mkdir(parents=True)
-    (partial / "trainer_state.json").write_text('{"step": 8, "rollout_index": 4}')
-    history = Trainer(tiny_config(tmp_path, "max_steps=6", "resume_from_checkpoint=latest")).train()
-    assert [h["step"] for h in history] == [5, 6]
+    (partial / "trainer_state.json").write_text('{"step": 8, "rollout_index": 2}')
+    history = Trainer(tiny_config(tmp_path, "max_steps=5", "resume_from_checkpoint=latest")).train()
+    assert [h["step"] for h in history] == [5]
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):

@@ -10,6 +10,7 @@ Python use::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -69,6 +70,9 @@ def validate(config: EvalConfig) -> None:
     if not config.model and not config.gold:
         raise EvalError("nothing to evaluate; pass --model PATH (a model or LoRA adapter) or --gold")
     _check_numbers(config)
+    if config.model and config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        # before the model is looked at: installing vllm is the first fix either way
+        raise EvalError("--backend vllm needs the vllm package (pip install vllm); or use --backend hf")
     if config.data_file and not os.path.exists(config.data_file):
         default = get_suite(config.suite).default_source()
         raise EvalError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rlclip.errors import RewardError
 from rlclip.rewards.grading import answer_is_span, check_suite, grade, last_boxed
 
 
@@ -74,9 +75,12 @@ def correctness_reward(
     """
     del prompts, kwargs
     if answer is None:
-        raise ValueError("correctness_reward needs the gold 'answer' column")
+        raise RewardError("reward function 'correctness_reward' needs the gold 'answer' column, which the data "
+                          "set lacks; use data with an 'answer' field (gsm8k, math500, svamp, asdiv or your "
+                          "own jsonl) or another reward function")
     if suite is None:
-        raise ValueError("correctness_reward needs a 'suite' column or suite='gsm8k'|'math500'|...")
+        raise RewardError("reward function 'correctness_reward' needs a 'suite' column or the setting "
+                          "suite: gsm8k|math500|svamp|asdiv")
     golds = _per_sample(answer, len(completions), "answer")
     suites = [check_suite(s) for s in _per_sample(suite, len(completions), "suite")]
     rewards: list[float | None] = []

@@ -226,6 +226,11 @@ def _serve() -> None:
     logging.disable(logging.WARNING)
     import math_verify  # noqa: F401  (import before announcing readiness)
 
+    # The first parse, the first symbolic simplification and the first numeric comparison load more of
+    # sympy (about 15 s on a busy 2-core machine): do them before announcing readiness, so that the
+    # per-comparison timeout measures comparisons, not warm-up.
+    _compare("(x+1)^2", "x^2+2x+1")
+    _compare("\\frac{\\sqrt{3}}{2}", "0.866")
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     replies, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the protocol
     print(_READY, file=replies, flush=True)
