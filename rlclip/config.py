@@ -70,6 +70,8 @@ class RolloutConfig:
     """Completions per prompt (G)."""
     max_new_tokens: int = 128
     """Completion length limit; longer completions are truncated and flagged."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until a completion has this many tokens (0: off); equal to max_new_tokens fixes every length (benchmarks)."""
     temperature: float = 1.0
     """Sampling temperature (log-probs are computed at the same temperature)."""
     top_p: float = 1.0
@@ -145,7 +147,7 @@ class TrainingConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward; mini-batches are accumulated over micro-batches."""
     optimizer: str = "adamw"
-    """adamw, or sgd (plain, for exact tests)."""
+    """adamw (torch's fused kernel where the parameters allow it, as TRL's default adamw_torch_fused), or sgd (plain, for exact tests)."""
     learning_rate: float = 1e-6
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -425,6 +427,9 @@ def validate(config: TrainConfig) -> None:
     for key in ("prompts_per_step", "group_size", "max_new_tokens"):
         _positive(getattr(config.rollout, key), f"rollout.{key}")
     _positive(config.rollout.temperature, "rollout.temperature", allow_zero=True)
+    if not 0 <= config.rollout.min_new_tokens <= config.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens={config.rollout.min_new_tokens} must lie in [0, "
+                          f"rollout.max_new_tokens={config.rollout.max_new_tokens}]")
     for key in ("num_iterations", "mini_batches", "micro_batch_size", "logprob_chunk_size"):
         _positive(getattr(config.train, key), f"train.{key}")
     _positive(config.train.learning_rate, "train.learning_rate")

@@ -2,9 +2,10 @@
 
 Log-probs of sampled completion tokens, the policy's entropy and sparse
 top-K supports are computed from the final hidden states in chunks of
-positions, so no ``[B, T, V]`` tensor is ever held for the batch: each chunk's
-logits are made, reduced and dropped (and, with grad, recomputed in backward
-through activation checkpointing).
+positions (``_chunk_slices``), so no ``[B, T, V]`` tensor is ever held for the
+batch: each chunk's logits are made, reduced and dropped, and with grad
+recomputed in backward (by ``_TokenLogProb`` for the log-probs, through
+activation checkpointing for TROLL's supports).
 """
 
 from __future__ import annotations
@@ -74,41 +75,76 @@ def completion_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: 
     return store["hidden"][:, prompt_len - 1: prompt_len - 1 + comp_len]  # [B, T, H]
 
 
-def _token_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
-                 need_entropy: bool) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``tokens`` and entropy for one chunk of positions ``hidden [n, H]``."""
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [n, V]
-    logp = torch.log_softmax(logits, dim=-1)  # [n, V]
-    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [n]
-    if need_entropy:
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)  # [n]
-    else:
-        entropy = token_logp.new_zeros(())
-    return token_logp, entropy
+def _chunk_slices(total: int, chunk_size: int) -> list[slice]:
+    """The chunks of positions every pass below walks through (the one chunking rule)."""
+    return [slice(start, start + chunk_size) for start in range(0, total, chunk_size)]
 
 
+def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    return F.linear(hidden, weight, bias).float() / temperature  # [n, V], float32 whatever the model dtype
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """``log softmax(h W^T + b) / T`` at the sampled tokens, one chunk of positions at a time.
+
+    The forward keeps only each position's log-normaliser ``lse``. The backward
+    recomputes a chunk's logits ``z`` and turns them in place into
+    ``dL/dz = g (onehot(token) - softmax(z)) / T``, so one ``[n, V]`` buffer is
+    alive at a time (activation checkpointing of a log-softmax + gather holds
+    about four: logits, log-probs and both their gradients) and no pass over
+    ``[n, V]`` is spent on a separate log-softmax. Entropy, when asked, is
+    ``lse - sum(softmax(z) z)`` and carries no gradient. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
+                chunk_size: int, need_entropy: bool) -> tuple[Tensor, Tensor]:
+        total = hidden.shape[0]
+        logprobs = torch.empty(total, dtype=torch.float32, device=hidden.device)  # [N]
+        lse = torch.empty_like(logprobs)  # [N]
+        entropy = torch.empty_like(logprobs) if need_entropy else logprobs.new_zeros(0)  # [N] or unused
+        for sl in _chunk_slices(total, chunk_size):
+            z = _scaled_logits(hidden[sl], weight, bias, temperature)  # [n, V]
+            lse[sl] = torch.logsumexp(z, dim=-1)
+            logprobs[sl] = z.gather(-1, tokens[sl, None]).squeeze(-1) - lse[sl]
+            if need_entropy:
+                probs = (z - lse[sl, None]).exp_()  # [n, V]
+                entropy[sl] = lse[sl] - probs.mul_(z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        temperature = ctx.temperature
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for sl in _chunk_slices(hidden.shape[0], ctx.chunk_size):
+            scale = grad_logprobs[sl].float() / temperature  # [n]
+            dz = _scaled_logits(hidden[sl], weight, bias, temperature)  # [n, V], becomes dL/dz in place
+            dz.sub_(lse[sl, None]).exp_().mul_(-scale[:, None])
+            dz.scatter_add_(-1, tokens[sl, None], scale[:, None])
+            dz = dz.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[sl] = dz @ weight
+            if need_weight:
+                grad_weight += (dz.t() @ hidden[sl]).float()
+            if need_bias:
+                grad_bias += dz.float().sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
 
 
 def _chunked(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperature: float, need_entropy: bool,
              chunk_size: int) -> tuple[Tensor, Tensor | None]:
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # [B*T, H]
-    flat_t = tokens.reshape(-1)  # [B*T]
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    logps, ents = [], []
-    for start in range(0, flat_h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (flat_h[sl], weight, bias, flat_t[sl], temperature, need_entropy)
-        if torch.is_grad_enabled() and flat_h.requires_grad:
-            # Recompute the chunk's logits in backward instead of keeping [n, V] alive.
-            lp, ent = checkpoint(_token_stats, *args, use_reentrant=False)
-        else:
-            lp, ent = _token_stats(*args)
-        logps.append(lp)
-        ents.append(ent)
-    logprobs = torch.cat(logps).view(tokens.shape)  # [B, T]
-    entropy = torch.cat(ents).view(tokens.shape) if need_entropy else None  # [B, T]
-    return logprobs, entropy
+    logprobs, entropy = _TokenLogProb.apply(flat_h, lm_head.weight, getattr(lm_head, "bias", None),
+                                            tokens.reshape(-1), temperature, chunk_size, need_entropy)
+    return logprobs.view(tokens.shape), entropy.view(tokens.shape) if need_entropy else None  # [B, T]
 
 
 # ---------------------------------------------------------------- sparse top-K supports (TROLL)
@@ -192,7 +228,7 @@ def _old_on_support(origin: Tensor, mask: Tensor, tokens: Tensor, old: dict[str,
 
 
 def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    return torch.log_softmax(F.linear(hidden, weight, bias).float() / temperature, dim=-1)  # [n, V]
+    return torch.log_softmax(_scaled_logits(hidden, weight, bias, temperature), dim=-1)  # [n, V]
 
 
 def _chunk_entropy(logp: Tensor, need_entropy: bool) -> Tensor:
@@ -246,8 +282,8 @@ def _chunked_record(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperat
     """Behaviour pass over all positions: log-probs (+ entropy) and the old top sets ``[B, T, top_k]``."""
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    parts = [_run_chunk(_record_stats, flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size],
-                        temperature, need_entropy, spec) for s in range(0, flat_h.shape[0], chunk_size)]
+    parts = [_run_chunk(_record_stats, flat_h[sl], weight, bias, flat_t[sl], temperature, need_entropy, spec)
+             for sl in _chunk_slices(flat_h.shape[0], chunk_size)]
     token_lp, ent, idx, lp, mask = (list(col) for col in zip(*parts))
     token_lp, idx, lp, mask = torch.cat(token_lp), torch.cat(idx), torch.cat(lp), torch.cat(mask)
     shape = tokens.shape
@@ -270,11 +306,9 @@ def _chunked_support(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, tempera
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     old_flat = {k: old_support[k].reshape(flat_t.shape[0], *old_support[k].shape[2:]).to(flat_t.device)
                 for k in ("indices", "logprobs", "mask", "token_logprobs")}
-    parts = []
-    for s in range(0, flat_h.shape[0], chunk_size):
-        old = {k: v[s:s + chunk_size] for k, v in old_flat.items()}
-        parts.append(_run_chunk(_support_stats, flat_h[s:s + chunk_size], weight, bias, flat_t[s:s + chunk_size],
-                                temperature, need_entropy, spec, old, {}))
+    parts = [_run_chunk(_support_stats, flat_h[sl], weight, bias, flat_t[sl], temperature, need_entropy, spec,
+                        {k: v[sl] for k, v in old_flat.items()}, {})
+             for sl in _chunk_slices(flat_h.shape[0], chunk_size)]
     sup, ent, mask, old_lp, idx = (list(col) for col in zip(*parts))
     width = max(p.shape[1] for p in sup)
     shape = tokens.shape

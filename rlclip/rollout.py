@@ -23,6 +23,7 @@ class SamplingSettings:
     top_p: float = 1.0
     top_k: int = 0
     max_prompt_length: int | None = None
+    min_new_tokens: int = 0
 
 
 def prompt_texts(prompts: list[Any], tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -79,6 +80,7 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
     greedy = settings.temperature == 0
     sequences = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
         do_sample=not greedy, temperature=None if greedy else settings.temperature,
         top_p=None if greedy else settings.top_p, top_k=None if greedy else settings.top_k,
         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,

@@ -43,6 +43,43 @@ def test_chunked_logprobs_entropy_and_gradients_match_full_logits(tiny, chunk_si
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_token_logprob_function_values_entropy_and_gradcheck_float64(chunk_size):
+    """The fused chunked log-prob against log_softmax + gather, with a bias and a temperature;
+    its hand-written backward against autograd through a float64 log_softmax."""
+    from rlclip.policy import _TokenLogProb
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (7,), generator=g)
+    logprobs, entropy = _TokenLogProb.apply(hidden, weight, bias, tokens, 0.7, chunk_size, True)
+    logp = ((hidden @ weight.T + bias).float() / 0.7).log_softmax(-1)  # the function computes in float32
+    torch.testing.assert_close(logprobs, logp.gather(-1, tokens[:, None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
+    assert not entropy.requires_grad
+
+    weights = torch.randn(7, generator=g, dtype=torch.float64)
+    out = _TokenLogProb.apply(hidden, weight, bias, tokens, 0.7, chunk_size, False)[0]
+    grads = torch.autograd.grad((out * weights).sum(), (hidden, weight, bias))
+    ref_logp = ((hidden @ weight.T + bias) / 0.7).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), (hidden, weight, bias))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprob_function_skips_frozen_inputs():
+    """LoRA freezes the output head: no weight gradient is formed, the hidden-state gradient still is."""
+    from rlclip.policy import _TokenLogProb
+
+    hidden = torch.randn(5, 3, requires_grad=True)
+    weight = torch.randn(6, 3)
+    logprobs, _ = _TokenLogProb.apply(hidden, weight, None, torch.tensor([0, 1, 2, 3, 4]), 1.0, 2, False)
+    logprobs.sum().backward()
+    assert weight.grad is None and hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
 def test_no_entropy_unless_asked(tiny):
     model, _ = tiny
     ids = torch.randint(3, 90, (2, 3))
@@ -73,3 +110,25 @@ def test_sample_completions_groups_chat_and_columns(tiny):
     assert ((batch.completion_ids == pad) | (batch.completion_mask == 1)).all()
     assert batch.truncated.tolist() == (batch.completion_mask[:, -1] == 1).logical_and(
         batch.completion_ids[:, -1] != tok.eos_token_id).tolist()
+
+
+def test_min_new_tokens_holds_eos_back(tiny):
+    """A model that always wants EOS stops at once, unless min_new_tokens holds EOS back that long."""
+    model, tok = tiny
+
+    def eos_first(_module, _args, logits):
+        logits[..., tok.eos_token_id] += 100.0
+        return logits
+
+    handle = model.get_output_embeddings().register_forward_hook(eos_first)
+    records = [{"prompt": "1+1"}]
+    try:
+        short = sample_completions(model, tok, records, SamplingSettings(group_size=2, max_new_tokens=5),
+                                   torch.device("cpu"))
+        held = sample_completions(model, tok, records, SamplingSettings(group_size=2, max_new_tokens=5,
+                                                                        min_new_tokens=3), torch.device("cpu"))
+    finally:
+        handle.remove()
+    assert short.completion_mask.sum(-1).tolist() == [1, 1]  # the EOS itself counts
+    assert held.completion_mask.sum(-1).tolist() == [4, 4]  # three tokens, then the EOS
+    assert not held.truncated.any()

