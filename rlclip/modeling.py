@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -293,3 +296,23 @@ def _first_sentence(err: BaseException) -> str:
     text = " ".join(str(err).split())
     match = re.match(r"(.+?[.!?])(\s|$)", text)
     return (match.group(1) if match else text) or type(err).__name__
+
+
+@contextmanager
+def quiet_saving() -> Iterator[None]:
+    """Save without third-party chatter: accelerate's "Removed shared tensor {'lm_head.weight'}" (a tied
+    output head is expected, and reloads fine) and transformers' "Writing model shards" bar, which
+    breaks the training progress bar. Both are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    shared_tensor_logger = logging.getLogger("accelerate.utils.other")
+    level, bars = shared_tensor_logger.level, hf_logging.is_progress_bar_enabled()
+    shared_tensor_logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        shared_tensor_logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+

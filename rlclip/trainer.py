@@ -39,7 +39,7 @@ from rlclip.errors import ConfigError
 from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
-from rlclip.modeling import load_model, load_model_and_tokenizer
+from rlclip.modeling import load_model, load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import compute_rewards, resolve_reward_func
@@ -569,9 +569,10 @@ class Trainer:
         model = model if model is not None else self.model
         acc.wait_for_everyone()
         state_dict = acc.get_state_dict(model)
-        acc.unwrap_model(model).save_pretrained(directory, is_main_process=acc.is_main_process,
-                                                     state_dict=state_dict, safe_serialization=True,
-                                                     save_function=acc.save)
+        with quiet_saving():
+            acc.unwrap_model(model).save_pretrained(directory, is_main_process=acc.is_main_process,
+                                                    state_dict=state_dict, safe_serialization=True,
+                                                    save_function=acc.save)
         if acc.is_main_process:
             self.tokenizer.save_pretrained(directory)
 

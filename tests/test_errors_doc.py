@@ -116,6 +116,8 @@ CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- command line
     "cli-no-command": Case([]),
     "cli-unknown-command": Case(["trian"], subprocess=True),
+    "cli-train-without-config": Case(["train"]),
+    "cli-help-unknown-section": Case(["train", "--help", "rolout"]),
     "cli-config-without-value": Case(["train", "--config"]),
     "cli-override-without-value": Case([*TRAIN, "--max_steps"]),
     "cli-stray-argument": Case([*TRAIN, "fast"]),

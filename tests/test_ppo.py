@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -90,6 +92,12 @@ def test_explained_variance_over_global_moments():
     assert ev(ret) == pytest.approx(1.0)
     assert ev(torch.full((1, 5), 2.5)) == pytest.approx(0.0)  # a constant predicts nothing
     assert ev(torch.tensor([[2.0, 1.0, 4.0, 3.0, 0.0]])) == pytest.approx(1 - 1.0 / 1.25)  # Var[R-V] = 1, Var[R] = 1.25
+
+
+def test_explained_variance_is_undefined_when_returns_do_not_vary():
+    """All rewards 0: Var[R] = 0, so the metric is NaN (logged as null), not -residual / 1e-12."""
+    assert math.isnan(explained_variance(torch.tensor(0.0), torch.tensor(0.3)).item())
+    assert explained_variance(torch.tensor(2.0), torch.tensor(0.5)).item() == pytest.approx(0.75)
 
 
 NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")  # issue 12

@@ -113,6 +113,13 @@ class Meter:
                 "start_rss_mb": self.start_rss, "save_s": self.save_s, "save_peak_rss_mb": self.save_peak}
 
 
+def write_markdown(path: str, text: str) -> None:
+    """Write a result file (creating its folder) and print it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(text)
+
+
 # ---------------------------------------------------------------- the shared task
 def records(n: int = 64) -> list[dict]:
     """Single-digit additions as chat prompts, with the answer as a reward column."""
@@ -161,7 +168,8 @@ def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, mete
     meter.start()
     trainer.train()
     return {"gradient_checkpointing": trainer.config.model.gradient_checkpointing,
-            "optimizer": type(trainer.optimizer.optimizer).__name__}
+            "optimizer": type(trainer.optimizer.optimizer).__name__.lower()
+            + ("_fused" if trainer.optimizer.optimizer.defaults.get("fused") else "")}
 
 
 def run_trl(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
@@ -276,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                         help="turn gradient checkpointing off on both sides")
+    parser.add_argument("--output", default=None, help="also write the table and the JSON line to this markdown file")
     parser.add_argument("--modes", default=None, help="comma list of full,lora (default: full,lora; --quick: full)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
@@ -300,11 +309,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 print(f"round {round_ + 1} {side} {mode}: {result['step_s']:.2f} s/step, "
                       f"peak {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-    print(table(runs))
     summary = summarise(runs)
-    summary.update(gradient_checkpointing=args.checkpointing, repeats=repeats, measured_steps=args.steps, warmup_steps=args.warmup,
-                   wall_s=round(time.perf_counter() - start))
+    summary.update(gradient_checkpointing=args.checkpointing, repeats=repeats, measured_steps=args.steps,
+                   warmup_steps=args.warmup, wall_s=round(time.perf_counter() - start))
+    print(table(runs))
     print(json.dumps(summary))
+    if args.output:
+        command = "python eval/bench/step_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.output).write_text(f"# rlclip vs TRL GRPOTrainer, equal work\n\nCommand: `{command}`\n\n"
+                                     f"{table(runs)}\n\n```json\n{json.dumps(summary)}\n```\n")
     return 0
 
 
