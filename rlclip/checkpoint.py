@@ -324,3 +324,43 @@ class Checkpointer:
             return None
 
         return read
+
+
+def save_run(trainer: Any) -> Path:
+    """A running Trainer's ``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper and
+    guard state, and an unfinished rollout when a signal cut it short."""
+    state = {"rollout_index": trainer.rollout_index, "guard": trainer.guard.state_dict(),
+             "num_processes": trainer.accelerator.num_processes, "extras": ["clipper"]}
+    per_process = None
+    if trainer.pending is not None:
+        rollout, rollout_metrics, done = trainer.pending
+        state.update(update_position=done, extras=["clipper", "rollout"])
+        per_process = {"rollout": {"batch": rollout, "metrics": rollout_metrics}}
+    return trainer.checkpointer.save(trainer.step, state, {"clipper": trainer.clipper.state_dict()}, per_process)
+
+
+def resume_run(trainer: Any) -> None:
+    """Restore a Trainer from ``config.resume_from_checkpoint`` (a no-op without one): weights, optimizer,
+    scheduler and RNG state, step counters, guard and clipper state, an interrupted rollout; say where from."""
+    target = trainer.config.resume_from_checkpoint
+    if not target:
+        return
+    path, state, read = trainer.checkpointer.load(target, trainer._say)
+    trainer.step, trainer.rollout_index = int(state["step"]), int(state["rollout_index"])
+    trainer.guard.load_state_dict(state.get("guard", {}))
+    clipper_state = read("clipper")
+    if clipper_state is not None:
+        trainer.clipper.load_state_dict(clipper_state)
+    if "update_position" in state:
+        saved = read("rollout")
+        trainer.pending = (saved["batch"], saved["metrics"], int(state["update_position"]))
+    saved_world = state.get("num_processes", trainer.accelerator.num_processes)
+    if saved_world != trainer.accelerator.num_processes:
+        trainer._say(f"{path.name} was written by {saved_world} processes and resumes on "
+                     f"{trainer.accelerator.num_processes}: each rollout now has a different number of prompts")
+    if trainer.accelerator.is_main_process:
+        truncate_metrics(trainer.output_dir, trainer.step)
+    left = trainer.config.max_steps - trainer.step
+    trainer._say(f"resumed from {path} at step {trainer.step}" +
+                 ("" if left > 0 else f"; max_steps={trainer.config.max_steps} is already reached, nothing to "
+                                      "train (raise --max_steps to continue)"))

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
-from rlclip.checkpoint import Checkpointer, claim_output_dir, truncate_metrics
+from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
 from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
@@ -217,7 +217,7 @@ class Trainer:
 
     def _train(self) -> list[dict[str, Any]]:
         cfg, acc = self.config, self.accelerator
-        self._resume()
+        resume_run(self)
         self._write_config()
         history: list[dict[str, Any]] = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -246,7 +246,7 @@ class Trainer:
                     return self._stop_gracefully(rollout, rollout_metrics, done, history)
             self.rollout_index += 1
             if cfg.save_steps and self.step // cfg.save_steps > (self.step - self._steps_per_rollout()) // cfg.save_steps:
-                self.save_checkpoint()
+                save_run(self)
         bar.close()
         self.save_model(self.output_dir)
         if self.critic is not None:
@@ -275,7 +275,7 @@ class Trainer:
             self.pending = None
         else:
             self.pending = (rollout, rollout_metrics, done)
-        path = self.save_checkpoint()
+        path = save_run(self)
         self.stopped_by = self.stop.signal_name or "a signal on another process"
         self._say(f"stopped by {self.stopped_by} after step {self.step}; checkpoint saved to {path}. Resume with "
                   f"the same command plus --resume_from_checkpoint latest")
@@ -575,42 +575,6 @@ class Trainer:
                                                     save_function=acc.save)
         if acc.is_main_process:
             self.tokenizer.save_pretrained(directory)
-
-    def save_checkpoint(self) -> Path:
-        """``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper and guard state,
-        and an unfinished rollout when a signal cut it short."""
-        state = {"rollout_index": self.rollout_index, "guard": self.guard.state_dict(),
-                 "num_processes": self.accelerator.num_processes, "extras": ["clipper"]}
-        per_process = None
-        if self.pending is not None:
-            rollout, rollout_metrics, done = self.pending
-            state.update(update_position=done, extras=["clipper", "rollout"])
-            per_process = {"rollout": {"batch": rollout, "metrics": rollout_metrics}}
-        return self.checkpointer.save(self.step, state, {"clipper": self.clipper.state_dict()}, per_process)
-
-    def _resume(self) -> None:
-        target = self.config.resume_from_checkpoint
-        if not target:
-            return
-        path, state, read = self.checkpointer.load(target, self._say)
-        self.step, self.rollout_index = int(state["step"]), int(state["rollout_index"])
-        self.guard.load_state_dict(state.get("guard", {}))
-        clipper_state = read("clipper")
-        if clipper_state is not None:
-            self.clipper.load_state_dict(clipper_state)
-        if "update_position" in state:
-            saved = read("rollout")
-            self.pending = (saved["batch"], saved["metrics"], int(state["update_position"]))
-        saved_world = state.get("num_processes", self.accelerator.num_processes)
-        if saved_world != self.accelerator.num_processes:
-            self._say(f"{path.name} was written by {saved_world} processes and resumes on "
-                      f"{self.accelerator.num_processes}: each rollout now has a different number of prompts")
-        if self.accelerator.is_main_process:
-            truncate_metrics(self.output_dir, self.step)
-        left = self.config.max_steps - self.step
-        self._say(f"resumed from {path} at step {self.step}" +
-                  ("" if left > 0 else f"; max_steps={self.config.max_steps} is already reached, nothing to "
-                                       "train (raise --max_steps to continue)"))
 
 
 def _flat_scalars(config: TrainConfig) -> dict[str, Any]:
