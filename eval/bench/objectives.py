@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         order = list(results) if round_ % 2 == 0 else list(reversed(results))
         for name in order:
             results[name].append(measure(name, model, data, args))
-            print(json.dumps({k: v for k, v in results[name][-1].items()}), file=sys.stderr)
+            print(json.dumps(results[name][-1]), file=sys.stderr)
     text = ("# Objectives: step time and peak RSS against ratio_clip\n\nCommand: `python eval/bench/objectives.py "
             + " ".join(sys.argv[1:] if argv is None else argv) + "`\n\n" + table(results, args))
     write_markdown(args.output, text)

