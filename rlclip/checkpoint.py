@@ -327,9 +327,10 @@ class Checkpointer:
 
 
 def save_run(trainer: Any) -> Path:
-    """A running Trainer's ``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper and
-    guard state, and an unfinished rollout when a signal cut it short."""
+    """A running Trainer's ``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper,
+    guard and entropy-coefficient state, and an unfinished rollout when a signal cut it short."""
     state = {"rollout_index": trainer.rollout_index, "guard": trainer.guard.state_dict(),
+             "entropy_bonus": trainer.entropy_bonus.state_dict(),
              "num_processes": trainer.accelerator.num_processes, "extras": ["clipper"]}
     per_process = None
     if trainer.pending is not None:
@@ -341,13 +342,15 @@ def save_run(trainer: Any) -> Path:
 
 def resume_run(trainer: Any) -> None:
     """Restore a Trainer from ``config.resume_from_checkpoint`` (a no-op without one): weights, optimizer,
-    scheduler and RNG state, step counters, guard and clipper state, an interrupted rollout; say where from."""
+    scheduler and RNG state, step counters, guard, clipper and entropy-coefficient state, an interrupted
+    rollout; say where from."""
     target = trainer.config.resume_from_checkpoint
     if not target:
         return
     path, state, read = trainer.checkpointer.load(target, trainer._say)
     trainer.step, trainer.rollout_index = int(state["step"]), int(state["rollout_index"])
     trainer.guard.load_state_dict(state.get("guard", {}))
+    trainer.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
     clipper_state = read("clipper")
     if clipper_state is not None:
         trainer.clipper.load_state_dict(clipper_state)

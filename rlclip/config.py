@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,22 @@ class TrainingConfig:
 
 
 @dataclass
+class EntropyConfig:
+    coef: float = 0.0
+    """Entropy bonus c: the loss is L - c * (mean entropy over the step's trained tokens), TRL's entropy_coef; 0 disables (unless adaptive)."""
+    adaptive: bool = False
+    """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312): c moves by coef_delta each optimizer step, up when entropy <= target, down otherwise; the bonus applies only while entropy <= target."""
+    coef_min: float = 0.0
+    """Lower bound of the adaptive coefficient."""
+    coef_max: float = 1.0
+    """Upper bound of the adaptive coefficient."""
+    coef_delta: float = 0.005
+    """Step of the adaptive coefficient per optimizer step."""
+    target: float = 0.2
+    """Target mean entropy (nats per token) of adaptive control."""
+
+
+@dataclass
 class LoraSettings:
     enabled: bool = False
     """Train LoRA adapters instead of all weights (the reference is the base with adapters off)."""
@@ -228,6 +245,8 @@ class TrainConfig:
     """The value model (PPO mode, advantage.name = gae)."""
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ratio_clip"})
     """``name`` of a registered objective plus its settings (see rlclip.objectives)."""
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    """Entropy bonus and adaptive entropy control (docs/entropy.md)."""
     train: TrainingConfig = field(default_factory=TrainingConfig)
     """Optimisation."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -458,10 +477,22 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"unknown logging.report_to {config.logging.report_to!r}; choose none, tensorboard or wandb")
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown model.dtype {config.model.dtype!r}; choose float32, bfloat16 or float16")
+    _check_entropy(config.entropy)
     if not config.reward.funcs:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)
     build_clipper_from_config(config)
+
+
+def _check_entropy(entropy: EntropyConfig) -> None:
+    if not math.isfinite(entropy.coef):
+        raise ConfigError(f"entropy.coef must be a finite number, got {entropy.coef}")
+    if entropy.adaptive:
+        if not 0 <= entropy.coef_min <= entropy.coef_max:
+            raise ConfigError(f"entropy.coef_min={entropy.coef_min} and entropy.coef_max={entropy.coef_max} must "
+                              "satisfy 0 <= coef_min <= coef_max")
+        _positive(entropy.coef_delta, "entropy.coef_delta")
+        _positive(entropy.target, "entropy.target", allow_zero=True)
 
 
 def build_clipper_from_config(config: TrainConfig):

@@ -93,7 +93,9 @@ class _TokenLogProb(torch.autograd.Function):
     alive at a time (activation checkpointing of a log-softmax + gather holds
     about four: logits, log-probs and both their gradients) and no pass over
     ``[n, V]`` is spent on a separate log-softmax. Entropy, when asked, is
-    ``lse - sum(softmax(z) z)`` and carries no gradient. Not twice differentiable.
+    ``H = lse - sum(softmax(z) z)``; its gradient (for an entropy bonus) is
+    ``dH/dz = -p (log p + H)``, added in the same recomputed buffer (then a
+    second ``[n, V]`` buffer holds ``p``). Not twice differentiable.
     """
 
     @staticmethod
@@ -110,23 +112,34 @@ class _TokenLogProb(torch.autograd.Function):
             if need_entropy:
                 probs = (z - lse[sl, None]).exp_()  # [n, V]
                 entropy[sl] = lse[sl] - probs.mul_(z).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, tokens, lse)
+        ctx.save_for_backward(hidden, weight, bias, tokens, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(entropy)
+        if not need_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, and no [n, V] work
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs: Tensor, _grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, tokens, lse = ctx.saved_tensors
+    def backward(ctx, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         temperature = ctx.temperature
+        if grad_logprobs is None:
+            grad_logprobs = lse.new_zeros(lse.shape)  # [N]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         for sl in _chunk_slices(hidden.shape[0], ctx.chunk_size):
             scale = grad_logprobs[sl].float() / temperature  # [n]
             dz = _scaled_logits(hidden[sl], weight, bias, temperature)  # [n, V], becomes dL/dz in place
-            dz.sub_(lse[sl, None]).exp_().mul_(-scale[:, None])
+            dz.sub_(lse[sl, None])  # log p
+            if grad_entropy is None:
+                dz.exp_().mul_(-scale[:, None])
+            else:  # -p (g_lp + g_H (log p + H)) / T
+                probs = dz.exp()  # [n, V]
+                g_ent = grad_entropy[sl].float() / temperature  # [n]
+                dz.add_(entropy[sl, None]).mul_(g_ent[:, None]).add_(scale[:, None]).mul_(probs).neg_()
+                del probs
             dz.scatter_add_(-1, tokens[sl, None], scale[:, None])
             dz = dz.to(hidden.dtype)
             if need_hidden:
@@ -232,10 +245,10 @@ def _chunk_logp(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature
 
 
 def _chunk_entropy(logp: Tensor, need_entropy: bool) -> Tensor:
+    """``-sum p log p`` per position ``[n]``, with grad when ``logp`` has one (an entropy bonus may use it)."""
     if not need_entropy:
         return logp.new_zeros(())
-    with torch.no_grad():
-        return -(logp.exp() * logp).sum(-1)  # [n]
+    return -(logp.exp() * logp).sum(-1)  # [n]
 
 
 def _record_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, temperature: float,
@@ -324,13 +337,14 @@ def _chunked_support(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, tempera
 
 def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, *, temperature: float = 1.0, need_entropy: bool = False,
-                        chunk_size: int = DEFAULT_CHUNK_SIZE, record_support: SupportSpec | None = None,
-                        support: SupportSpec | None = None,
+                        entropy_grad: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        record_support: SupportSpec | None = None, support: SupportSpec | None = None,
                         old_support: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Log-probs (and optionally entropy) of the completion tokens under ``model``.
 
     Returns ``{"logprobs": [B, T], "entropy": [B, T]}`` (entropy only when
-    asked, always detached). Logits are divided by the sampling
+    asked; detached unless ``entropy_grad``, which an entropy bonus sets --
+    objectives always see it detached). Logits are divided by the sampling
     ``temperature`` so the log-probs are those of the distribution sampled
     from. Runs with or without grad, following the caller's grad mode.
 
@@ -351,18 +365,15 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
         raise ValueError("support needs old_support: the dict recorded by a record_support pass")
     hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     lm_head = unwrap(model).get_output_embeddings()
-    if record_support is not None or support is not None:
-        if record_support is not None:
-            out = _chunked_record(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
-                                  record_support)
-        else:
-            out = _chunked_support(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
-                                   support, old_support)
-        if "entropy" in out:
-            out["entropy"] = out["entropy"].detach()
-        return out
-    logprobs, entropy = _chunked(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size)
-    out = {"logprobs": logprobs}
-    if entropy is not None:
-        out["entropy"] = entropy.detach()
+    if record_support is not None:
+        out = _chunked_record(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
+                              record_support)
+    elif support is not None:
+        out = _chunked_support(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
+                               support, old_support)
+    else:
+        logprobs, entropy = _chunked(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size)
+        out = {"logprobs": logprobs} if entropy is None else {"logprobs": logprobs, "entropy": entropy}
+    if "entropy" in out and not entropy_grad:
+        out["entropy"] = out["entropy"].detach()
     return out

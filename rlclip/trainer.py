@@ -35,6 +35,7 @@ from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_r
 from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
+from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
 from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
@@ -95,6 +96,7 @@ class Trainer:
         self.objective = build_objective_from_config(config)
         self.clipper = build_clipper_from_config(config)
         self.guard = NonFiniteGuard(self.accelerator, config.train.max_consecutive_skips)
+        self.entropy_bonus = EntropyBonus(config.entropy)
         self.stop = StopRequest()
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
@@ -392,12 +394,14 @@ class Trainer:
             return self._logprobs(self.model, micro)["logprobs"]
 
     def _logprobs(self, model: torch.nn.Module, micro: RolloutBatch, need_entropy: bool = False,
-                  record_support: bool = False, with_support: bool = False) -> dict[str, Tensor]:
+                  record_support: bool = False, with_support: bool = False,
+                  entropy_grad: bool = False) -> dict[str, Tensor]:
         """Log-probs of ``micro``'s completions; optionally entropy, the old top set, or the update-time support."""
         spec = getattr(self.objective, "support_spec", None) if (record_support or with_support) else None
         return completion_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
                                    micro.completion_mask, temperature=self.config.rollout.temperature or 1.0,
-                                   need_entropy=need_entropy, chunk_size=self.config.train.logprob_chunk_size,
+                                   need_entropy=need_entropy, entropy_grad=entropy_grad,
+                                   chunk_size=self.config.train.logprob_chunk_size,
                                    record_support=spec if record_support else None,
                                    support=spec if with_support else None,
                                    old_support=micro.old_support if with_support else None)
@@ -443,17 +447,23 @@ class Trainer:
             with self._no_sync(last=i == len(chunks) - 1):
                 # DDP averages gradients over processes; each loss is already a share of the global mean.
                 if train_policy:
-                    batch = self.policy_batch(micro, num_tokens, num_sequences)
+                    batch, entropy = self.policy_batch(micro, num_tokens, num_sequences)
                     batch.step_stats = rows_of(step_stats, idx, len(mini_batch)) if step_stats else \
                         self._own_step_statistics(batch, single=len(chunks) == 1)
                     out = self.objective(batch)
-                    acc.backward(out.loss * acc.num_processes)
+                    loss = out.loss
+                    if self.entropy_bonus.enabled:
+                        loss = loss + self.entropy_bonus.loss(entropy, *self.objective.bonus_mask(batch))
+                    acc.backward(loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
                     value_out = self.value_loss(micro, value_tokens)
                     acc.backward(value_out.loss * self.config.critic.vf_coef * acc.num_processes)
                     critic_metrics.add(value_out, weight)
         result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)
+        if train_policy and self.entropy_bonus.enabled:
+            step_entropy = all_reduce(acc, self.entropy_bonus.local_sum(acc.device), "sum")
+            result.update(self.entropy_bonus.end_step(float(step_entropy)))
         self.step += 1
         result.update(self._apply_gradients(train_policy, policy_metrics.loss, critic_metrics.loss))
         result["optim/lr"] = self.scheduler.get_last_lr()[0]
@@ -532,20 +542,27 @@ class Trainer:
                                metrics={"value_clip_frac": masked_mean(clipped.to(values.dtype), mask),
                                         "values_mean": masked_mean(values.detach(), mask)})
 
-    def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor, num_sequences: Tensor) -> PolicyBatch:
-        """One forward pass: what the objective declared it needs, and nothing else."""
-        needs = self.objective.needs
-        need_entropy = "entropy" in needs or "entropy" in self.objective.step_needs
-        stats = self._logprobs(self.model, micro, need_entropy=need_entropy, with_support="support" in needs)
+    def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor,
+                     num_sequences: Tensor) -> tuple[PolicyBatch, Tensor | None]:
+        """One forward pass: what the objective declared it needs, and nothing else.
+
+        Also returns the entropy with its gradient when the entropy bonus is on (the batch's is detached).
+        """
+        needs, bonus = self.objective.needs, self.entropy_bonus.enabled
+        need_entropy = "entropy" in needs or "entropy" in self.objective.step_needs or bonus
+        stats = self._logprobs(self.model, micro, need_entropy=need_entropy, with_support="support" in needs,
+                               entropy_grad=bonus)
+        entropy = stats.get("entropy")  # [b, T], with grad when bonus
         logprobs = stats["logprobs"]  # [b, T]
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
-        return PolicyBatch(
+        batch = PolicyBatch(
             logprobs=logprobs, old_logprobs=old, advantages=micro.advantages,
             mask=micro.completion_mask.to(logprobs.dtype), ref_logprobs=micro.ref_logprobs,
-            entropy=stats.get("entropy"), support_logprobs=stats.get("support_logprobs"),
+            entropy=None if entropy is None else entropy.detach(), support_logprobs=stats.get("support_logprobs"),
             old_support_logprobs=stats.get("old_support_logprobs"), support_mask=stats.get("support_mask"),
             num_tokens=num_tokens, num_sequences=num_sequences, truncated=micro.truncated,
         )
+        return batch, entropy
 
     # ------------------------------------------------------------------ outputs
     def log(self, metrics: dict[str, Any]) -> None:

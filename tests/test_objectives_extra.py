@@ -57,6 +57,7 @@ def ours(name: str, batch: PolicyBatch, **settings) -> tuple[torch.Tensor, torch
 class _Accelerator:
     num_processes = 1
     sync_gradients = True
+    sync_gradients = True
 
     def pad_across_processes(self, tensor, dim=0, pad_index=0):
         return tensor
@@ -72,12 +73,18 @@ class _Accelerator:
 
 def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=None, level="token", delta=None,
              top_entropy_quantile=1.0, off_policy_mask_threshold=None, max_completion_length=None, beta=0.0,
-             **args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and gradient from TRL's GRPOTrainer._compute_loss on the same per-token log-probs."""
+             entropy_coef=0.0, trainer_state=None, **args) -> tuple[torch.Tensor, ...]:
+    """Loss and gradient from TRL's GRPOTrainer._compute_loss on the same per-token log-probs.
+
+    With ``entropy_coef`` (TRL's entropy bonus) the entropy is a grad leaf too and its gradient is
+    returned third; ``trainer_state`` overrides trainer attributes (the adaptive entropy controller's).
+    """
     from trl import GRPOTrainer
 
     logprobs = batch.logprobs.detach().clone().requires_grad_()
-    entropy = batch.entropy if batch.entropy is not None else torch.zeros_like(logprobs)
+    entropy = batch.entropy.detach().clone() if batch.entropy is not None else torch.zeros_like(logprobs)
+    bonus = entropy_coef != 0.0 or (trainer_state or {}).get("use_adaptive_entropy", False)
+    entropy.requires_grad_(bonus)
     trainer = object.__new__(GRPOTrainer)
     config = dict(delta=delta, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
                   vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, use_bias_correction_kl=True,
@@ -89,9 +96,11 @@ def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=No
         importance_sampling_level=level, epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high,
         top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=off_policy_mask_threshold,
-        use_vllm=False, vllm_importance_sampling_correction=False, _entropy_bonus_enabled=False,
-        aux_loss_enabled=False, current_gradient_accumulation_steps=1,
+        use_vllm=False, vllm_importance_sampling_correction=False, _entropy_bonus_enabled=bonus,
+        entropy_coef=entropy_coef, use_adaptive_entropy=False, _last_world_entropy=math.inf,
+        _entropy_window_stats=None, aux_loss_enabled=False, current_gradient_accumulation_steps=1,
         max_completion_length=max_completion_length or logprobs.shape[1])
+    trainer.__dict__.update(trainer_state or {})
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, entropy, None)
     t = logprobs.shape[1]
     inputs = {"prompt_ids": torch.zeros(logprobs.shape[0], 1, dtype=torch.long),
@@ -103,6 +112,8 @@ def trl_loss(loss_type: str, batch: PolicyBatch, *, epsilon=0.2, epsilon_high=No
         inputs["ref_per_token_logps"] = batch.ref_logprobs.clone()
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     loss.backward()
+    if bonus:
+        return loss.detach(), logprobs.grad, entropy.grad, trainer
     return loss.detach(), logprobs.grad
 
 
@@ -461,3 +472,75 @@ def test_filters_are_settings_of_every_objective_and_archer_gets_filter_statisti
 def test_bad_settings_raise(name, bad):
     with pytest.raises(ConfigError):
         build_objective(name, **bad)
+
+
+# --------------------------------------------------------------------------------------------- entropy bonus
+
+def ours_with_bonus(name: str, batch: PolicyBatch, bonus, **settings) -> tuple[torch.Tensor, ...]:
+    """rlclip's objective loss plus the trainer's entropy term, with gradients for log-probs and entropy."""
+    batch = fresh(batch)
+    entropy = batch.entropy.detach().clone().requires_grad_()
+    batch.entropy = entropy.detach()
+    objective = build_objective(name, **settings)
+    loss = objective(batch).loss + bonus.loss(entropy, *objective.bonus_mask(batch))
+    loss.backward()
+    return loss.detach(), batch.logprobs.grad, entropy.grad
+
+
+@pytest.mark.parametrize("loss_type,quantile", [("dapo", 1.0), ("grpo", 1.0), ("dapo", 0.5), ("grpo", 0.3)])
+def test_entropy_bonus_equals_trl_entropy_coef(loss_type, quantile):
+    from rlclip.config import EntropyConfig
+    from rlclip.entropy_bonus import EntropyBonus
+
+    # TRL takes the entropy quantile in float32, so with the filter the batch is float32 (a float64
+    # entropy equal to the quantile can fall below TRL's rounded threshold)
+    dtype, tol = (D, 1e-12) if quantile == 1.0 else (torch.float32, 1e-6)
+    batch = random_batch(11, scale=0.3, dtype=dtype)
+    batch.entropy = torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(3), dtype=D).to(dtype) * 2
+    settings = {"agg": TRL_LOSS_AGG[loss_type]}
+    if quantile < 1.0:
+        settings["entropy_top_quantile"] = quantile
+    mine = ours_with_bonus("ratio_clip", batch, EntropyBonus(EntropyConfig(coef=0.3)), **settings)
+    peer = trl_loss(loss_type, batch, entropy_coef=0.3, top_entropy_quantile=quantile)
+    assert int((peer[2] != 0).sum()) < int(batch.mask.sum()) or quantile == 1.0  # the filter did select
+    for a, b in zip(mine, peer[:3]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # hand value of the gradient: -c m_t / sum(m) on every trained token
+    if quantile == 1.0:
+        torch.testing.assert_close(mine[2], -0.3 * batch.mask / batch.mask.sum())
+
+
+def test_adaptive_entropy_control_follows_trl_step_by_step():
+    """Five optimizer steps: the coefficient, its gating and the loss equal TRL's controller."""
+    from rlclip.config import EntropyConfig
+    from rlclip.entropy_bonus import EntropyBonus
+
+    config = dict(entropy_coef_min=0.0, entropy_coef_max=0.02, entropy_coef_delta=0.008, entropy_target=0.5)
+    bonus = EntropyBonus(EntropyConfig(coef=0.004, adaptive=True, coef_min=0.0, coef_max=0.02, coef_delta=0.008,
+                                       target=0.5))
+    state = {"use_adaptive_entropy": True, "entropy_coef": 0.004, "_last_world_entropy": math.inf}
+    coefs = []
+    for step, level in enumerate((0.3, 0.2, 0.9, 0.1, 0.4)):  # mean entropy around `level`
+        batch = random_batch(20 + step, scale=0.2)
+        batch.entropy = level * 2 * torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(step),
+                                               dtype=D)
+        applied = bonus.applied_coef()
+        mine = ours_with_bonus("ratio_clip", batch, bonus)
+        bonus.end_step(float(bonus.local_sum()))
+        peer = trl_loss("dapo", batch, trainer_state=state, **config)
+        trainer = peer[3]
+        state = {"use_adaptive_entropy": True, "entropy_coef": trainer.entropy_coef,
+                 "_last_world_entropy": trainer._last_world_entropy}
+        for a, b in zip(mine, peer[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert bonus.coef == pytest.approx(trainer.entropy_coef, abs=1e-15)
+        assert bonus.last_entropy == pytest.approx(trainer._last_world_entropy, rel=1e-12)
+        coefs.append((applied, bonus.coef))
+    # by hand (step k applies c_k only if H_{k-1} <= target 0.5; H_{-1} = inf): mean entropies ~0.3, ~0.2
+    # are below the target, so c rises 0.004 -> 0.012 -> 0.02 (capped at coef_max); ~0.9 is above, so c falls
+    # to 0.012 and step 3 applies 0; ~0.1 and ~0.4 are below again: c back to 0.02 and capped
+    assert coefs[0] == (0.0, pytest.approx(0.012))
+    assert coefs[1] == (pytest.approx(0.012), pytest.approx(0.02))
+    assert coefs[2] == (pytest.approx(0.02), pytest.approx(0.012))
+    assert coefs[3] == (0.0, pytest.approx(0.02))
+    assert coefs[4] == (pytest.approx(0.02), pytest.approx(0.02))

@@ -58,15 +58,54 @@ def test_token_logprob_function_values_entropy_and_gradcheck_float64(chunk_size)
     logp = ((hidden @ weight.T + bias).float() / 0.7).log_softmax(-1)  # the function computes in float32
     torch.testing.assert_close(logprobs, logp.gather(-1, tokens[:, None]).squeeze(-1))
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1))
-    assert not entropy.requires_grad
 
     weights = torch.randn(7, generator=g, dtype=torch.float64)
     out = _TokenLogProb.apply(hidden, weight, bias, tokens, 0.7, chunk_size, False)[0]
     grads = torch.autograd.grad((out * weights).sum(), (hidden, weight, bias))
-    ref_logp = ((hidden @ weight.T + bias) / 0.7).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), (hidden, weight, bias))
+    full = ((hidden @ weight.T + bias) / 0.7).log_softmax(-1)  # [7, 11] float64
+    ref_logp = full.gather(-1, tokens[:, None]).squeeze(-1)
+    ref_grads = torch.autograd.grad((ref_logp * weights).sum(), (hidden, weight, bias), retain_graph=True)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    # the entropy's own gradient (an entropy bonus), alone and together with the log-probs'
+    ref_entropy = -(full.exp() * full).sum(-1)  # [7]
+    ent_weights = torch.randn(7, generator=g, dtype=torch.float64)
+    for lp_w in (None, weights):
+        logprobs, entropy = _TokenLogProb.apply(hidden, weight, bias, tokens, 0.7, chunk_size, True)
+        loss = (entropy * ent_weights).sum() + (0 if lp_w is None else (logprobs * lp_w).sum())
+        ref = (ref_entropy * ent_weights).sum() + (0 if lp_w is None else (ref_logp * lp_w).sum())
+        grads = torch.autograd.grad(loss, (hidden, weight, bias))
+        ref_grads = torch.autograd.grad(ref, (hidden, weight, bias), retain_graph=True)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_support", [False, True])
+def test_entropy_grad_through_completion_logprobs_matches_full_logits(tiny, with_support):
+    """entropy_grad=True: the entropy carries the gradient of -sum p log p (plain and TROLL support paths)."""
+    from rlclip.policy import SupportSpec
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(4)
+    pid, cid = torch.randint(3, 90, (2, 4), generator=g), torch.randint(3, 90, (2, 3), generator=g)
+    pm, cm = torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    kwargs = {}
+    if with_support:
+        spec = SupportSpec(top_k=8, tail_mass=0.0)
+        with torch.no_grad():
+            old = completion_logprobs(model, pid, pm, cid, cm, temperature=0.7, record_support=spec)["old_support"]
+        kwargs = {"support": spec, "old_support": old}
+    out = completion_logprobs(model, pid, pm, cid, cm, temperature=0.7, need_entropy=True, entropy_grad=True,
+                              chunk_size=2, **kwargs)
+    assert out["entropy"].requires_grad
+    ref_lp, ref_ent = reference(model, pid, pm, cid, cm, 0.7)
+    torch.testing.assert_close(out["entropy"], ref_ent, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(2, 3, generator=g)
+    grads = torch.autograd.grad((out["entropy"] * weights).sum() + out["logprobs"].sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad((ref_ent * weights).sum() + ref_lp.sum(), list(model.parameters()))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_token_logprob_function_skips_frozen_inputs():

@@ -170,6 +170,7 @@ def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..
 
 
 ENTROPY_KEEP = "filter_entropy_keep"
+ENTROPY_KEPT = "filter_entropy_kept"
 
 
 class Objective(abc.ABC):
@@ -302,8 +303,31 @@ class Objective(abc.ABC):
         pooled = reduce.cat(entropy[counted])  # [n_step] over all processes
         threshold = linear_quantile(pooled, 1.0 - self.entropy_top_quantile)
         if threshold is None:  # no counted token anywhere: nothing trains
-            return {ENTROPY_KEEP: torch.zeros_like(counted), "filter_entropy_threshold": entropy.new_zeros(())}
-        return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold}
+            return {ENTROPY_KEEP: torch.zeros_like(counted), "filter_entropy_threshold": entropy.new_zeros(()),
+                    ENTROPY_KEPT: entropy.new_zeros(())}
+        return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold,
+                ENTROPY_KEPT: (pooled >= threshold).sum().to(entropy.dtype)}
+
+    def _entropy_keep(self, batch: PolicyBatch) -> dict[str, Tensor]:
+        stats = batch.step_stats or {}
+        return stats if ENTROPY_KEEP in stats else self.filter_statistics(_detached(batch), Reducer())
+
+    def bonus_mask(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
+        """The tokens an entropy bonus acts on, ``[B, T]``, and their count over the optimizer step.
+
+        As TRL 1.16's ``effective_mask``: the counted tokens (``mask_truncated``
+        applied) kept by ``entropy_top_quantile``; the off-policy mask does not
+        apply. The count is ``batch.num_tokens`` (or the mask's own sum) without
+        the entropy filter, else the filter's kept count over all processes.
+        """
+        batch = self.count_masked(batch)
+        mask = batch.mask.to(batch.logprobs.dtype)  # [B, T]
+        count = mask.sum() if batch.num_tokens is None else batch.num_tokens
+        if self.entropy_top_quantile is not None:
+            stats = self._entropy_keep(batch)
+            mask = mask * stats[ENTROPY_KEEP].to(mask.dtype)
+            count = stats[ENTROPY_KEPT]
+        return mask, torch.as_tensor(count, dtype=mask.dtype, device=mask.device).clamp_min(1)
 
     def token_filter(self, batch: PolicyBatch) -> tuple[Tensor | None, dict[str, Any]]:
         """The entropy and off-policy filters as a ``[B, T]`` multiplier of the per-token loss (None: off).
@@ -313,9 +337,7 @@ class Objective(abc.ABC):
         keep = None
         metrics: dict[str, Any] = {}
         if self.entropy_top_quantile is not None:
-            stats = batch.step_stats or {}
-            if ENTROPY_KEEP not in stats:
-                stats = self.filter_statistics(_detached(batch), Reducer())
+            stats = self._entropy_keep(batch)
             keep = stats[ENTROPY_KEEP].to(batch.logprobs.dtype)
             metrics["entropy_threshold"] = stats["filter_entropy_threshold"]
         if self.off_policy_mask is not None:
