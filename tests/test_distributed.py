@@ -66,3 +66,11 @@ def test_two_process_training(two_process):
     run_info = json.loads((two_process / "train.json").read_text())
     assert run_info["world_size"] == 2 and run_info["grpo"] == [1, 2] and run_info["ppo"] == [1, 2]
     assert math.isfinite(run_info["ppo_explained_variance"])
+
+
+def test_entropy_bonus_moves_the_step(monkeypatch):
+    """The entropy_bonus case differs from the same step without the bonus (so its invariance means something)."""
+    with_bonus = step(4, "entropy_bonus")["params"]
+    monkeypatch.setitem(CASES, "no_bonus", [c for c in CASES["entropy_bonus"] if not c.startswith("entropy.")])
+    without = step_once(4, "no_bonus")["params"]
+    assert max((with_bonus[n] - without[n]).abs().max().item() for n in without) > 1e-4

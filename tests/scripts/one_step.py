@@ -32,6 +32,8 @@ CASES = {
                          "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true",
                          "objective.off_policy_mask=0.05"],
     "kl_cov": ["objective.name=kl_cov", "objective.kl_cov_ratio=0.2"],
+    # the entropy bonus over the step's filtered tokens (its count comes from the step statistics)
+    "entropy_bonus": ["entropy.coef=0.3", "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true"],
 }
 
 
