@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -65,25 +64,13 @@ def train_main(argv: list[str]) -> int:
     from rlclip.trainer import Trainer
 
     trainer = Trainer(config, train_dataset=records)
-    start = time.perf_counter()
-    history = trainer.train()
+    trainer.train()  # it prints the start banner and the end summary
     stopped_by = getattr(trainer, "stopped_by", None)
     if stopped_by:  # the trainer saved a checkpoint and said how to resume
         from rlclip.interrupt import EXIT_CODES
 
         return EXIT_CODES.get(stopped_by, EXIT_INTERRUPTED)
-    if history and trainer.accelerator.is_main_process:
-        print(run_summary(history, config.output_dir, time.perf_counter() - start))
     return 0
-
-
-def run_summary(history: list[dict], output_dir: str, seconds: float) -> str:
-    """The end-of-run lines: steps and time, last and best mean reward, where the outputs are."""
-    last = history[-1]
-    best = max(history, key=lambda m: m["reward/mean"])
-    return (f"done: {len(history)} steps (to step {last['step']}) in {seconds:.0f} s; reward/mean "
-            f"{last['reward/mean']:.4f} at the last step, best {best['reward/mean']:.4f} at step {best['step']}\n"
-            f"model: {output_dir}; metrics: {output_dir}/metrics.jsonl")
 
 
 def preflight(config) -> list[dict]:

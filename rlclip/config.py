@@ -475,6 +475,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"unknown train.optimizer {config.train.optimizer!r}; choose adamw or sgd")
     if config.logging.report_to not in ("none", "tensorboard", "wandb"):
         raise ConfigError(f"unknown logging.report_to {config.logging.report_to!r}; choose none, tensorboard or wandb")
+    _check_tracker(config.logging.report_to)
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown model.dtype {config.model.dtype!r}; choose float32, bfloat16 or float16")
     _check_entropy(config.entropy)
@@ -482,6 +483,14 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)
     build_clipper_from_config(config)
+
+
+def _check_tracker(report_to: str) -> None:
+    """A tracker whose package is missing is an error before training, not a warning and an untracked run."""
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise ConfigError(f"logging.report_to={report_to} needs the {packages[0]} package, which is not installed; "
+                          f"pip install {packages[0]}, or set logging.report_to: none")
 
 
 def _check_entropy(entropy: EntropyConfig) -> None:

@@ -34,6 +34,7 @@ from rlclip import advantages as adv_lib
 from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
 from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
+from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
@@ -97,6 +98,7 @@ class Trainer:
         self.clipper = build_clipper_from_config(config)
         self.guard = NonFiniteGuard(self.accelerator, config.train.max_consecutive_skips)
         self.entropy_bonus = EntropyBonus(config.entropy)
+        self.zero_advantage = ZeroAdvantageWatch(self._say, config.rollout.temperature)
         self.stop = StopRequest()
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
@@ -221,13 +223,17 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         resume_run(self)
         self._write_config()
-        history: list[dict[str, Any]] = []
+        self._say(start_banner(self))
+        started, history = time.perf_counter(), []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.logging.progress_bar))
         try:
-            return self._loop(bar, history)
+            self._loop(bar, history)
         finally:
             bar.close()  # an error message then starts on its own line
+        if history and not self.stopped_by:
+            self._say(run_summary(history, cfg.output_dir, time.perf_counter() - started, cfg.logging.report_to))
+        return history
 
     def _loop(self, bar: tqdm, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cfg, acc = self.config, self.accelerator
@@ -266,6 +272,8 @@ class Trainer:
             self.accelerator, torch.tensor(float(rollout.prompts_truncated), device=self.accelerator.device), "sum").item()
         metrics.update(self.record_behaviour(rollout))
         metrics.update(self.estimate_advantages(rollout))
+        largest = (rollout.advantages.abs() * rollout.completion_mask).max()  # 0: nothing to learn from
+        self.zero_advantage.observe(bool(all_reduce(self.accelerator, largest, "max") == 0))
         metrics["time/rollout_s"] = time.perf_counter() - start
         return rollout, metrics, 0
 

@@ -50,4 +50,5 @@ def two_process(tmp_path_factory) -> Path:
     proc = subprocess.run([*launch, str(ROOT / "tests/scripts/two_process.py"), str(out)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (out / "launch_stderr.log").write_text(proc.stderr)
     return out

@@ -82,11 +82,3 @@ def test_top_level_help_names_the_commands(argv, capsys):
     text = capsys.readouterr().out
     assert "objectives [--imports FILE.py ...]" in text and "train --help [SECTION]" in text
 
-
-def test_run_summary_names_steps_time_rewards_and_outputs():
-    from rlclip.cli import run_summary
-
-    history = [{"step": 3, "reward/mean": 0.25}, {"step": 4, "reward/mean": 0.5}, {"step": 5, "reward/mean": 0.375}]
-    assert run_summary(history, "runs/x", 61.4).splitlines() == [
-        "done: 3 steps (to step 5) in 61 s; reward/mean 0.3750 at the last step, best 0.5000 at step 4",
-        "model: runs/x; metrics: runs/x/metrics.jsonl"]

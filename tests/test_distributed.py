@@ -68,6 +68,17 @@ def test_two_process_training(two_process):
     assert math.isfinite(run_info["ppo_explained_variance"])
 
 
+def test_two_process_runs_print_banner_and_summary_once(two_process):
+    """Rank 1 says nothing: each run's start banner and end summary appear exactly once."""
+    lines = (two_process / "launch_stderr.log").read_text().splitlines()
+    banners = [x for x in lines if x.startswith("rlclip: start: ")]
+    summaries = [x for x in lines if x.startswith("rlclip: done: ")]
+    outputs = [x for x in lines if x.startswith("model: ")]
+    assert len(banners) >= 2 and len(summaries) >= 2  # the GRPO and PPO runs at least
+    assert "2 process(es)" in banners[0]
+    assert len(set(banners)) == len(banners) and len(set(outputs)) == len(outputs) == len(summaries)
+
+
 def test_entropy_bonus_moves_the_step(monkeypatch):
     """The entropy_bonus case differs from the same step without the bonus (so its invariance means something)."""
     with_bonus = step(4, "entropy_bonus")["params"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import subprocess
@@ -182,3 +183,28 @@ def test_lora_adapter_directory(tiny_model: str, gsm8k_file: Path, tmp_path: Pat
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
     summary = _run_model(str(adapter_dir), gsm8k_file, tmp_path / "lora.json")
     assert summary["n"] == 2 and summary["model"] == str(adapter_dir)
+
+
+def test_max_new_tokens_defaults_per_suite():
+    from rlclip.eval.engine import suite_max_new_tokens
+    from rlclip.eval.cli import build_parser
+
+    assert build_parser().parse_args(["--suite", "gsm8k", "--gold"]).max_new_tokens is None
+    assert {s: suite_max_new_tokens(s) for s in ("gsm8k", "svamp", "asdiv", "math500", "math")} == {
+        "gsm8k": 256, "svamp": 256, "asdiv": 256, "math500": 512, "math": 512}
+
+
+def test_decode_progress_moves_per_token_and_lands_on_whole_sequences():
+    from tqdm.auto import tqdm
+
+    from rlclip.eval.generation import _DecodeProgress
+
+    with tqdm(total=6, disable=False, file=io.StringIO()) as bar:
+        progress = _DecodeProgress(bar, batch=4, max_new_tokens=8)
+        progress.put("prompt ids")  # the prompt: no progress
+        assert bar.n == 0
+        for _ in range(3):  # three decoding steps of 8
+            progress.put("tokens")
+        assert bar.n == pytest.approx(1.5)
+        progress.finish(4)  # the batch stopped early (every row hit EOS)
+        assert bar.n == 4

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-json", help="write the summary JSON here")
     p.add_argument("--output-jsonl", help="write per-sample results here (default: next to --output-json)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget per sample (default: 512 for math500 and math, 256 for the others)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

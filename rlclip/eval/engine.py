@@ -31,6 +31,9 @@ from rlclip.rewards.verify_pool import get_pool
 
 __all__ = ["EvalConfig", "EvalError", "run_eval", "format_summary"]
 BACKENDS = ("hf", "vllm")
+MAX_NEW_TOKENS = {"math500": 512, "math": 512}
+"""Per-suite generation budget; the other suites (GSM8K, SVAMP, ASDiv: short arithmetic) get 256."""
+DEFAULT_MAX_NEW_TOKENS = 256
 DTYPES = ("float32", "bfloat16", "float16")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -50,7 +53,7 @@ class EvalConfig:
     output_json: str | None = None
     output_jsonl: str | None = None
     batch_size: int = 8
-    max_new_tokens: int = 512
+    max_new_tokens: int | None = None  # None: the suite's budget (MAX_NEW_TOKENS, else 256)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -92,7 +95,8 @@ def _check_numbers(config: EvalConfig) -> None:
         (config.num_samples >= 1, f"--num-samples must be >= 1, got {config.num_samples}"),
         (config.limit is None or config.limit >= 1, f"--limit must be >= 1, got {config.limit}"),
         (config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}"),
-        (config.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {config.max_new_tokens}"),
+        (config.max_new_tokens is None or config.max_new_tokens >= 1,
+         f"--max-new-tokens must be >= 1, got {config.max_new_tokens}"),
         (config.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {config.temperature}"),
         (0 < config.top_p <= 1, f"--top-p must be in (0, 1], got {config.top_p}"),
     ]
@@ -284,9 +288,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def suite_max_new_tokens(suite: str) -> int:
+    """The default generation budget of ``suite``: 512 for MATH-500 and MATH, 256 otherwise."""
+    return MAX_NEW_TOKENS.get(suite, DEFAULT_MAX_NEW_TOKENS)
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Validate, load, generate (or take gold solutions), grade, summarize and write outputs."""
     validate(config)
+    if config.max_new_tokens is None:
+        config.max_new_tokens = suite_max_new_tokens(config.suite)
     if config.gold and config.num_samples != 1:
         print("rlclip eval: --gold grades one reference solution per problem; ignoring --num-samples", file=sys.stderr)
         config.num_samples = 1

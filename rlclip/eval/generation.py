@@ -117,6 +117,32 @@ def _stop_ids(config: Any) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class _DecodeProgress:
+    """A ``generate`` streamer that moves the bar by ``batch / max_new_tokens`` per decoding step.
+
+    So a long batch shows progress while it decodes instead of jumping when it
+    ends; the batch's remainder is added when it finishes (early stops).
+    """
+
+    def __init__(self, bar: Any, batch: int, max_new_tokens: int) -> None:
+        self.bar, self.step, self.done, self.prompt_seen = bar, batch / max_new_tokens, 0.0, False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate passes the prompt ids first
+            self.prompt_seen = True
+            return
+        self.done += self.step
+        self.bar.update(self.step)
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, batch: int) -> None:
+        self.bar.update(batch - self.done)
+        self.bar.n = round(self.bar.n)  # whole sequences once a batch is done
+        self.bar.refresh()
+
+
 def generate_hf(model_path: str, prompts: list[Messages], settings: GenerationSettings) -> Generated:
     """Batched ``model.generate`` with left padding, longest prompts first, seeded.
 
@@ -140,14 +166,17 @@ def generate_hf(model_path: str, prompts: list[Messages], settings: GenerationSe
     completions = [[""] * k for _ in prompts]
     num_tokens = [[0] * k for _ in prompts]
     set_seed(settings.seed)
-    with tqdm(total=len(pairs), desc="generate", unit="seq", disable=not settings.progress, file=sys.stderr) as bar:
+    with tqdm(total=len(pairs), desc="generate", unit="seq", disable=not settings.progress, file=sys.stderr,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]") as bar:
         for start in range(0, len(pairs), settings.batch_size):
             chunk = pairs[start : start + settings.batch_size]
             texts = [rendered[i][0] for i, _ in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=rendered[chunk[0][0]][1])
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            progress = _DecodeProgress(bar, len(chunk), settings.max_new_tokens)
             with torch.inference_mode():
-                output = model.generate(**batch, generation_config=config)
+                output = model.generate(**batch, generation_config=config,
+                                        streamer=progress if settings.progress else None)
             new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
             for (i, j), row in zip(chunk, new_tokens):
                 length = _stop_length(row, stop_ids)
@@ -155,7 +184,7 @@ def generate_hf(model_path: str, prompts: list[Messages], settings: GenerationSe
                 targets = range(k) if draws == 1 else [j]
                 for target in targets:
                     completions[i][target], num_tokens[i][target] = text, length
-            bar.update(len(chunk))
+            progress.finish(len(chunk))
     return Generated(completions, num_tokens, load_model_s)
 
 
