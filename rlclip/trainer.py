@@ -33,8 +33,8 @@ from trl.models import unwrap_model_for_generation
 from rlclip import advantages as adv_lib
 from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
 from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
-from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
+from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError

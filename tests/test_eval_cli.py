@@ -186,8 +186,8 @@ def test_lora_adapter_directory(tiny_model: str, gsm8k_file: Path, tmp_path: Pat
 
 
 def test_max_new_tokens_defaults_per_suite():
-    from rlclip.eval.engine import suite_max_new_tokens
     from rlclip.eval.cli import build_parser
+    from rlclip.eval.engine import suite_max_new_tokens
 
     assert build_parser().parse_args(["--suite", "gsm8k", "--gold"]).max_new_tokens is None
     assert {s: suite_max_new_tokens(s) for s in ("gsm8k", "svamp", "asdiv", "math500", "math")} == {
