@@ -92,8 +92,8 @@ def recipe_names() -> list[str]:
 
 def objectives_listing(imports: list[str] | None = None) -> str:
     """``rlclip objectives``: each registered objective, its paper line, and its settings with defaults."""
-    from rlclip.config import import_user_modules
     from rlclip.objectives.base import _REGISTRY, Objective, objective_parameters
+    from rlclip.user_code import import_user_modules
 
     if imports:
         import_user_modules(imports)

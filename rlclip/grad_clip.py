@@ -23,23 +23,20 @@ Formulas, sources and defaults: docs/grad_clipping.md.
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import math
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 
-try:  # FSDP2 gradients are DTensors; a torch build without distributed has none
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None
+if TYPE_CHECKING:
+    from torch import Tensor
 
 EPS = 1e-6
 """Added to the norm in every scale factor threshold / (norm + EPS), as torch.nn.utils.clip_grad_norm_."""
@@ -48,9 +45,19 @@ _REGISTRY: dict[str, type[GradClipper]] = {}
 
 
 # ---------------------------------------------------------------------------- norms and scaling
+@functools.cache
+def _dtensor_type() -> type | None:
+    """FSDP2 gradients are DTensors; a torch build without distributed has none."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    return DTensor
+
+
 def _full(tensor: Tensor) -> Tensor:
     """A DTensor (an FSDP2 shard's partial norm) reduced to the full plain tensor; others unchanged."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if _dtensor_type() is not None and isinstance(tensor, _dtensor_type()):
         return tensor.full_tensor()
     return tensor
 

@@ -11,24 +11,16 @@ activation checkpointing for TROLL's supports).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from rlclip.types import SupportSpec
+
 DEFAULT_CHUNK_SIZE = 1024
 
-
-@dataclass
-class SupportSpec:
-    """How to build TROLL's sparse support (see ``rlclip.objectives.troll``)."""
-
-    top_k: int = 64
-    """Cap on the size of each policy's top set."""
-    tail_mass: float = 1e-5
-    """Each top set is the smallest set of tokens reaching 1 - tail_mass of probability."""
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

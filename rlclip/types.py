@@ -7,10 +7,22 @@ S = sparse-support size. A ``mask`` is 1 where a token counts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from rlclip.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass
+class SupportSpec:
+    """How to build TROLL's sparse support (see ``rlclip.objectives.troll``)."""
+
+    top_k: int = 64
+    """Cap on the size of each policy's top set."""
+    tail_mass: float = 1e-5
+    """Each top set is the smallest set of tokens reaching 1 - tail_mass of probability."""
 
 
 @dataclass
@@ -103,7 +115,7 @@ class RolloutBatch:
         updates: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Tensor):
+            if isinstance(value, torch.Tensor):
                 updates[f.name] = value[index.to(value.device)]
             elif isinstance(value, list):
                 updates[f.name] = [value[i] for i in idx]

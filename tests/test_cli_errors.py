@@ -44,7 +44,8 @@ def run_main(monkeypatch, capsys):
 def assert_one_line_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("rlclip")]
+    # the start banner is a notice printed before training began, not part of the error
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("rlclip") and not ln.startswith("rlclip: start: ")]
     assert len(lines) == 1, proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]

@@ -82,3 +82,24 @@ def test_top_level_help_names_the_commands(argv, capsys):
     text = capsys.readouterr().out
     assert "objectives [--imports FILE.py ...]" in text and "train --help [SECTION]" in text
 
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["train", "--help"], ["objectives"],
+    ["train", "--config", "recipes/smoke/tiny.yaml", "--objective.eps_low", "-1"],  # a config error
+    ["eval", "--suite", "gsm8k", "--gold", "--limit", "3", "--no-progress"],
+])
+def test_commands_that_do_not_train_never_import_torch(root, argv):
+    """Importing torch costs tens of seconds here; these commands answer without it (eval/bench/startup.py times them)."""
+    import subprocess
+    import sys
+
+    from rlclip.data.suites import SUITES
+
+    if argv[0] == "eval" and not SUITES["gsm8k"].default_source().startswith("/"):
+        pytest.skip("the GSM8K copy in ../shared/data is absent (the hub would be asked)")
+
+    probe = (f"import sys\nfrom rlclip.cli import main\ncode = main({argv!r})\n"
+             "print('torch' in sys.modules, [m for m in ('transformers', 'accelerate') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == "False []", proc.stdout[-500:] + proc.stderr[-500:]

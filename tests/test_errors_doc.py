@@ -298,8 +298,9 @@ def test_documented_error(row: Row, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(base, "_REGISTRY", shipped)
     code, stderr = run_case(case, tmp_path, monkeypatch, capsys)
     assert "Traceback" not in stderr, stderr[-3000:]
-    # progress bars (model loading, the train bar) are output, not part of the error
-    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS.search(line)]
+    # progress bars (model loading, the train bar) and the start banner are output, not part of the error
+    lines = [line for line in stderr.splitlines()
+             if line.strip() and not PROGRESS.search(line) and not line.startswith("rlclip: start: ")]
     assert len(lines) == 1, stderr[-3000:]
     from rlclip.cli import COMMANDS
 

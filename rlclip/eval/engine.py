@@ -25,7 +25,6 @@ from rlclip.data.suites import SUITES, get_suite
 from rlclip.eval import EvalError
 from rlclip.eval.generation import Generated
 from rlclip.eval.metrics import breakdown, default_ks, mean_metrics, problem_metrics
-from rlclip.modeling import SMOLLM2_GGUF, TINY
 from rlclip.rewards.grading import MATH_SUITES, answer_key, extract_answer, grade
 from rlclip.rewards.verify_pool import get_pool
 
@@ -86,6 +85,8 @@ def validate(config: EvalConfig) -> None:
     if config.dtype not in DTYPES:
         raise EvalError(f"unknown --dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
     if config.model and not os.path.exists(config.model) and not _HUB_ID_RE.match(config.model):
+        from rlclip.modeling import SMOLLM2_GGUF, TINY  # torch and transformers: only when a model is named
+
         if config.model not in (TINY, SMOLLM2_GGUF):
             raise EvalError(f"--model {config.model}: no such directory; pass a model/adapter directory or hub name")
 

@@ -10,12 +10,10 @@ wider clip, weaker or no KL). Everything is the PPO/GRPO clipped surrogate of
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import (
     LOG_RATIO_CLAMP,
     Objective,
@@ -25,6 +23,9 @@ from rlclip.objectives.base import (
 )
 from rlclip.objectives.ratio_clip import check_dual_clip, clipped_surrogate, ratio_metrics
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 THRESHOLDS = ("response", "batch")
 

@@ -15,13 +15,14 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any, ClassVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlclip.errors import ConfigError, ObjectiveError
+from rlclip.lazy import torch
 from rlclip.types import ObjectiveOutput, PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
@@ -428,7 +429,7 @@ class Objective(abc.ABC):
     def _check_per_token(self, per_token: Any, batch: PolicyBatch) -> None:
         """The output contract: a floating ``[B, T]`` tensor, one loss per token."""
         name = self.name or type(self).__name__
-        if not isinstance(per_token, Tensor):
+        if not isinstance(per_token, torch.Tensor):
             raise ObjectiveError(f"objective {name!r}: surrogate() returned {type(per_token).__name__}; it must "
                               f"return (per-token loss tensor [B, T], metrics dict)")
         if tuple(per_token.shape) != tuple(batch.logprobs.shape):

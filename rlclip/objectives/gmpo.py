@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_mean, register_objective
 from rlclip.objectives.ratio_clip import ratio_metrics
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_objective("gmpo")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.objectives.base import Objective, register_objective
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_objective("gpg")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import Objective, register_objective
 from rlclip.objectives.ratio_clip import (
     check_delta,
@@ -17,6 +15,9 @@ from rlclip.objectives.ratio_clip import (
     sequence_log_ratio,
 )
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_objective("luspo")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import (
     LOG_RATIO_CLAMP,
     Objective,
@@ -18,6 +16,9 @@ from rlclip.objectives.base import (
 )
 from rlclip.objectives.ratio_clip import clipped_surrogate, ratio_metrics
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register_objective("pspo")

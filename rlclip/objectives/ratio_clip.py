@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import (
     LOG_RATIO_CLAMP,
     Objective,
@@ -17,6 +15,9 @@ from rlclip.objectives.base import (
     register_objective,
 )
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 GSPO_AGG = "seq_mean_token_mean"
 """Default aggregation of ``level="sequence"`` (GSPO) when ``agg`` is not given."""

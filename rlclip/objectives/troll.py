@@ -31,16 +31,16 @@ aggregated by the base class. No ratio clip.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_max, masked_mean, register_objective
 from rlclip.objectives.ratio_clip import ratio_metrics
-from rlclip.policy import SupportSpec
-from rlclip.types import PolicyBatch
+from rlclip.types import PolicyBatch, SupportSpec
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ETA_GRADS = ("implicit", "stop")
 NEG_LOG = -1e4
@@ -84,10 +84,9 @@ def _kl_and_var(s: Tensor, d: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
     return s * m1 - log_z, var
 
 
-@torch.no_grad()
 def solve_interpolation(log_q: Tensor, log_p: Tensor, bound: float, max_iter: int = 60,
                         tol: float = 1e-13) -> Tensor:
-    """s in (0, 1] with KL(pi_s || p) = bound, for rows ``[N, C]`` with KL(q || p) > bound.
+    """s in (0, 1] with KL(pi_s || p) = bound, for rows ``[N, C]`` with KL(q || p) > bound (no grad).
 
     Safeguarded Newton on log KL(s) against log s (slope s^2 Var / KL): near
     s = 0, KL ~ s^2 Var / 2 so the step is nearly exact; a step leaving the
@@ -95,6 +94,11 @@ def solve_interpolation(log_q: Tensor, log_p: Tensor, bound: float, max_iter: in
     Stops when every row has |log KL - log bound| < tol or a bracket at
     rounding level (about 5 iterations from s = 1 in practice).
     """
+    with torch.no_grad():
+        return _newton_interpolation(log_q, log_p, bound, max_iter, tol)
+
+
+def _newton_interpolation(log_q: Tensor, log_p: Tensor, bound: float, max_iter: int, tol: float) -> Tensor:
     d = log_q - log_p
     s = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
     lo, hi = torch.zeros_like(s), torch.ones_like(s)

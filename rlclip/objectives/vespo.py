@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
+from rlclip.lazy import torch
 from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_max, masked_mean, register_objective
 from rlclip.types import PolicyBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 LOG_W_MIN = math.log(1e-8)  # floor of log w, as TRL's get_gamma_weights (the authors' 1e-8 clamp of w)
 

@@ -17,14 +17,15 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError, RewardError, UserCodeError, describe_user_exception
+from rlclip.lazy import torch
 from rlclip.rewards.grading import extract_answer, grade
 from rlclip.rewards.math_rewards import completion_text, correctness_reward, format_reward
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["BUILTIN", "completion_text", "compute_rewards", "correctness_reward", "extract_answer", "format_reward",
            "grade", "resolve_reward_func", "target_token_reward"]
@@ -73,10 +74,10 @@ def reward_name(func: RewardFunc) -> str:
 
 
 def _checked(name: str, values: Any, n: int) -> list[float | None]:
-    if not isinstance(values, (list, tuple)) and not isinstance(values, Tensor):
+    if not isinstance(values, (list, tuple)) and not isinstance(values, torch.Tensor):
         raise RewardError(f"reward function {name!r} returned {type(values).__name__}; "
                           f"it must return a list of {n} floats (or None)")
-    values = values.tolist() if isinstance(values, Tensor) else list(values)
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
     if len(values) != n:
         raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions; "
                           "it must return one float (or None) per completion")
