@@ -211,6 +211,8 @@ class LoggingConfig:
     """Show a progress bar on the main process."""
     run_name: str = "rlclip"
     """Tracker project / run name."""
+    trust_metrics: bool = True
+    """Log trust/... (rlclip/telemetry.py): each objective's applied gradient weight against plain policy gradient, ratio quantiles, KL(old || new)."""
 
 
 @dataclass

@@ -46,6 +46,7 @@ from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import compute_rewards, resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
+from rlclip.telemetry import TrustTelemetry
 from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
 from rlclip.utils import (
     MetricAccumulator,
@@ -99,6 +100,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.accelerator, config.train.max_consecutive_skips)
         self.entropy_bonus = EntropyBonus(config.entropy)
         self.zero_advantage = ZeroAdvantageWatch(self._say, config.rollout.temperature)
+        self.telemetry = TrustTelemetry() if config.logging.trust_metrics else None
         self.stop = StopRequest()
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
@@ -459,6 +461,8 @@ class Trainer:
                     batch.step_stats = rows_of(step_stats, idx, len(mini_batch)) if step_stats else \
                         self._own_step_statistics(batch, single=len(chunks) == 1)
                     out = self.objective(batch)
+                    if self.telemetry is not None:
+                        self.telemetry.observe(out.loss, batch, self.objective)
                     loss = out.loss
                     if self.entropy_bonus.enabled:
                         loss = loss + self.entropy_bonus.loss(entropy, *self.objective.bonus_mask(batch))
@@ -472,6 +476,8 @@ class Trainer:
         if train_policy and self.entropy_bonus.enabled:
             step_entropy = all_reduce(acc, self.entropy_bonus.local_sum(acc.device), "sum")
             result.update(self.entropy_bonus.end_step(float(step_entropy)))
+        if train_policy and self.telemetry is not None:
+            result.update(self.telemetry.end_step(ProcessReducer(acc)))
         self.step += 1
         result.update(self._apply_gradients(train_policy, policy_metrics.loss, critic_metrics.loss))
         result["optim/lr"] = self.scheduler.get_last_lr()[0]
