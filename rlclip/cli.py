@@ -30,6 +30,7 @@ commands:
                                                            (train --help [SECTION] lists every field)
   objectives [--imports FILE.py ...]                       list the objectives and their settings
   eval --suite SUITE [--model PATH | --gold] ...           score a model on gsm8k, math500, svamp or asdiv
+  report RUN_DIR [RUN_DIR ...] --out DIR                   curves and a table comparing runs (PNGs + report.md)
   tiny-model DIR [--seed N]                                save a tiny random model and tokenizer to DIR
 
 --debug (anywhere on the line) shows the full traceback of an error; --version prints the version.
@@ -115,8 +116,20 @@ def eval_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def report_main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="rlclip report", description="Plot and tabulate runs side by side.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dirs, directories of runs, or globs")
+    parser.add_argument("--out", required=True, help="directory for the PNGs and report.md")
+    args = parser.parse_args(argv)
+    from rlclip.report import write_report
+
+    print(write_report(args.runs, args.out))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "eval": eval_main,
-                                                   "objectives": objectives_main, "tiny-model": tiny_model_main}
+                                                   "objectives": objectives_main, "report": report_main,
+                                                   "tiny-model": tiny_model_main}
 
 _OS_ERRORS = {  # exception type -> (what happened, the fix)
     FileNotFoundError: ("no such file or directory", "check the path"),

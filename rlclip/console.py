@@ -38,7 +38,8 @@ def run_summary(history: list[dict], output_dir: str, seconds: float, report_to:
         top = max(evals, key=lambda m: m["eval/accuracy"])
         lines.append(f"eval/accuracy {evals[-1]['eval/accuracy']:.4f} at step {evals[-1]['step']}, "
                      f"best {top['eval/accuracy']:.4f} at step {top['step']}")
-    lines.append(f"model: {output_dir}; metrics: {output_dir}/metrics.jsonl")
+    lines.append(f"model: {output_dir}; metrics: {output_dir}/metrics.jsonl; "
+                 f"plots: rlclip report {output_dir} --out {output_dir}/report")
     if report_to == "tensorboard":
         lines.append(f"curves: tensorboard --logdir {output_dir}")
     return "\n".join(lines)

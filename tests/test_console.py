@@ -12,14 +12,15 @@ def test_run_summary_names_steps_time_rewards_and_outputs():
     history = [{"step": 3, "reward/mean": 0.25}, {"step": 4, "reward/mean": 0.5}, {"step": 5, "reward/mean": 0.375}]
     assert run_summary(history, "runs/x", 61.4).splitlines() == [
         "done: 3 steps (to step 5) in 61 s; reward/mean 0.3750 at the last step, best 0.5000 at step 4",
-        "model: runs/x; metrics: runs/x/metrics.jsonl"]
+        "model: runs/x; metrics: runs/x/metrics.jsonl; plots: rlclip report runs/x --out runs/x/report"]
 
 
 def test_run_summary_adds_eval_accuracy_and_tensorboard():
     history = [{"step": 1, "reward/mean": 0.1, "eval/accuracy": 0.2}, {"step": 2, "reward/mean": 0.2},
                {"step": 3, "reward/mean": 0.3, "eval/accuracy": 0.15}]
     assert run_summary(history, "o", 5, "tensorboard").splitlines()[1:] == [
-        "eval/accuracy 0.1500 at step 3, best 0.2000 at step 1", "model: o; metrics: o/metrics.jsonl",
+        "eval/accuracy 0.1500 at step 3, best 0.2000 at step 1",
+        "model: o; metrics: o/metrics.jsonl; plots: rlclip report o --out o/report",
         "curves: tensorboard --logdir o"]
 
 
