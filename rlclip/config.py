@@ -188,6 +188,24 @@ class EntropyConfig:
 
 
 @dataclass
+class EvalSettings:
+    steps: int = 0
+    """Evaluate every this many optimizer steps (and at the last step); 0: never."""
+    suite: str | None = None
+    """Held-out problems: synthetic, gsm8k, math500, svamp, asdiv or math; None: the training data's source."""
+    split: str | None = None
+    """Split to evaluate on; None: the suite's test split (the training split is refused)."""
+    path: str | None = None
+    """Local file for the suite; None: the ../shared/data copy or the hub."""
+    limit: int = 50
+    """Problems evaluated (the first ``limit``)."""
+    max_new_tokens: int | None = None
+    """Greedy generation budget; None: the suite's (512 for math500 and math, 256 otherwise)."""
+    batch_size: int = 16
+    """Problems per generate call on each process."""
+
+
+@dataclass
 class LoraSettings:
     enabled: bool = False
     """Train LoRA adapters instead of all weights (the reference is the base with adapters off)."""
@@ -251,6 +269,8 @@ class TrainConfig:
     """Entropy bonus and adaptive entropy control (docs/entropy.md)."""
     train: TrainingConfig = field(default_factory=TrainingConfig)
     """Optimisation."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    """In-training evaluation on held-out problems (eval/accuracy)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA through peft."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -440,6 +460,11 @@ def validate(config: TrainConfig) -> None:
     if config.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"unknown model.dtype {config.model.dtype!r}; choose float32, bfloat16 or float16")
     _check_entropy(config.entropy)
+    _positive(config.eval.steps, "eval.steps", allow_zero=True)
+    _positive(config.eval.limit, "eval.limit")
+    _positive(config.eval.batch_size, "eval.batch_size")
+    if config.eval.max_new_tokens is not None:
+        _positive(config.eval.max_new_tokens, "eval.max_new_tokens")
     if not config.reward.funcs:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)

@@ -43,6 +43,7 @@ from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.modeling import load_model, load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
+from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import compute_rewards, resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
@@ -105,6 +106,7 @@ class Trainer:
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
+        self.evaluator = PeriodicEval(config, self.accelerator)  # its held-out problems load before the model
         model, self.tokenizer = load_model_and_tokenizer(
             config.model.name_or_path, config.model.dtype, config.model.gguf_file,
             config.model.trust_remote_code, config.model.attn_implementation)
@@ -246,6 +248,9 @@ class Trainer:
             for metrics in self.update(rollout, skip=done):
                 metrics = {"step": self.step, **metrics, **rollout_metrics,
                            "time/step_s": time.perf_counter() - start}
+                if self.evaluator.due(self.step, last=self.step >= cfg.max_steps):
+                    started = time.perf_counter()
+                    metrics.update(self.evaluator.run(self.model, self.tokenizer), **{"time/eval_s": time.perf_counter() - started})
                 start = time.perf_counter()
                 self.log(metrics)
                 history.append(metrics)
