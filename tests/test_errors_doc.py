@@ -123,6 +123,7 @@ CASES: dict[str, Case] = {
     "cli-stray-argument": Case([*TRAIN, "fast"]),
     "cli-override-bad-yaml": Case([*TRAIN, "--objective.eps_low", "[0.2"]),
     "tiny-model-bad-seed": Case(["tiny-model", "{tmp}/tiny", "--seed", "x"]),
+    "report-no-runs": Case(["report", "{tmp}/nothing", "--out", "{tmp}/out"]),
     # ---------------------------------------------------------------- recipe file
     "recipe-missing": Case(["train", "--config", "{tmp}/missing.yaml"]),
     "recipe-is-directory": Case(["train", "--config", "{tmp}"]),
