@@ -519,3 +519,20 @@ def build_objective_from_config(config: TrainConfig):
 def to_yaml(config: TrainConfig) -> str:
     """The resolved config as YAML (written to ``output_dir/config.yaml``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(config)))
+
+
+def flat_scalars(config: TrainConfig) -> dict[str, Any]:
+    """The config as ``{"section.key": scalar}`` (non-scalars as strings), for trackers' hyper-parameters."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config)
+    return flat

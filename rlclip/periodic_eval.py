@@ -23,16 +23,14 @@ if TYPE_CHECKING:
 SYNTHETIC_SEED_OFFSET = 1_000_003
 
 
-def held_out_records(config: TrainConfig) -> list[dict[str, Any]]:
-    """The evaluation problems of ``config.eval``, disjoint from the training data."""
+def held_out_records(config: TrainConfig, train_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation problems of ``config.eval``, disjoint from ``train_records`` (the trainer's data)."""
     settings, data = config.eval, config.data
     suite = settings.suite or data.name
     if suite == "synthetic":
         from rlclip.data import synthetic
 
-        train = {str(r["prompt"]) for r in synthetic.generate(
-            data.num_examples, seed=config.seed, min_value=data.min_value, max_value=data.max_value,
-            num_terms=data.num_terms, operations=data.operations, instruction=data.instruction, chat=data.chat)}
+        train = {str(r["prompt"]) for r in train_records}
         drawn = synthetic.generate(4 * settings.limit, seed=config.seed + SYNTHETIC_SEED_OFFSET,
                                    min_value=data.min_value, max_value=data.max_value, num_terms=data.num_terms,
                                    operations=data.operations, instruction=data.instruction, chat=data.chat)
@@ -55,13 +53,15 @@ def held_out_records(config: TrainConfig) -> list[dict[str, Any]]:
 class PeriodicEval:
     """Decides when to evaluate and runs the held-out evaluation on the live policy."""
 
-    def __init__(self, config: TrainConfig, accelerator: Any) -> None:
+    def __init__(self, config: TrainConfig, accelerator: Any, train_records: list[dict[str, Any]]) -> None:
+        from rlclip.eval.engine import suite_max_new_tokens
+
         self.settings = config.eval
         self.accelerator = accelerator
-        self.records = held_out_records(config) if self.settings.steps else []
+        self.records = held_out_records(config, train_records) if self.settings.steps else []
         suite = self.settings.suite or config.data.name
         self.grading_suite = "gsm8k" if suite == "synthetic" else suite
-        self.max_new_tokens = self.settings.max_new_tokens or _suite_budget(self.grading_suite)
+        self.max_new_tokens = self.settings.max_new_tokens or suite_max_new_tokens(self.grading_suite)
 
     def due(self, step: int, last: bool) -> bool:
         """Every ``eval.steps`` steps, and at the last step."""
@@ -94,8 +94,3 @@ class PeriodicEval:
         n = max(float(totals[2]), 1.0)
         return {"eval/accuracy": float(totals[0]) / n, "eval/extraction_failures": float(totals[1]) / n}
 
-
-def _suite_budget(suite: str) -> int:
-    from rlclip.eval.engine import suite_max_new_tokens
-
-    return suite_max_new_tokens(suite)

@@ -32,7 +32,13 @@ from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
 from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
-from rlclip.config import TrainConfig, build_clipper_from_config, build_objective_from_config, to_yaml
+from rlclip.config import (
+    TrainConfig,
+    build_clipper_from_config,
+    build_objective_from_config,
+    flat_scalars,
+    to_yaml,
+)
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
 from rlclip.data import check_records, load_records
@@ -45,8 +51,9 @@ from rlclip.modeling import load_model, load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs, unwrap
-from rlclip.rewards import compute_rewards, resolve_reward_func
+from rlclip.rewards import resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
+from rlclip.scoring import score_rollout
 from rlclip.telemetry import TrustTelemetry
 from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
 from rlclip.utils import (
@@ -106,7 +113,7 @@ class Trainer:
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
-        self.evaluator = PeriodicEval(config, self.accelerator)  # its held-out problems load before the model
+        self.evaluator = PeriodicEval(config, self.accelerator, self.records)  # its held-out problems load before the model
         model, self.tokenizer = load_model_and_tokenizer(
             config.model.name_or_path, config.model.dtype, config.model.gguf_file,
             config.model.trust_remote_code, config.model.attn_implementation)
@@ -325,33 +332,13 @@ class Trainer:
         return rollout
 
     def score(self, rollout: RolloutBatch) -> dict[str, float]:
-        """Reward: the weighted reward functions; returns the rollout's metrics (over all processes)."""
-        acc, r = self.accelerator, self.config.rollout
-        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-        rewards, reward_metrics = compute_rewards(self.reward_funcs, self.reward_weights, rollout.prompts,
-                                                  rollout.completions, rollout.columns, self.config.reward.on_error,
-                                                  completion_ids=ids)
-        rollout.rewards = rewards.to(acc.device)  # [N], NaN: no score (masked out of the loss below)
-        all_rewards = acc.gather(rollout.rewards)  # [N * processes]
-        lengths = acc.gather(rollout.completion_mask.sum(-1).float())
-        truncated = acc.gather(rollout.truncated.float())
-        scored = ~all_rewards.isnan()
-        group_std = all_rewards.view(-1, r.group_size).std(-1) if r.group_size > 1 else torch.zeros(1)
-        counts = {k: reward_metrics.pop(k) for k in ("reward/errors", "reward/unscored")}
-        metrics = {k: all_reduce(acc, torch.tensor(v, device=acc.device), "mean").item()
-                   for k, v in reward_metrics.items()}
-        metrics.update({k: all_reduce(acc, torch.tensor(v, device=acc.device), "sum").item() for k, v in counts.items()})
-        metrics.update({
-            "reward/mean": all_rewards[scored].mean().item() if bool(scored.any()) else 0.0,
-            "reward/std": all_rewards[scored].std().item() if int(scored.sum()) > 1 else 0.0,
-            "reward/zero_std_frac": (group_std.nan_to_num(0.0) == 0).float().mean().item(),
-            "completions/mean_length": lengths.mean().item(), "completions/truncated_frac": truncated.mean().item(),
-        })
-        if not bool(scored.any()):
+        """Reward: the weighted reward functions (rlclip/scoring.py); the rollout's metrics over all processes."""
+        metrics, any_scored = score_rollout(rollout, self.reward_funcs, self.reward_weights,
+                                            self.config.reward.on_error, self.config.rollout.group_size,
+                                            self.accelerator)
+        if not any_scored:
             self._say(f"rollout {self.rollout_index}: no completion got a reward (every reward function returned "
                       "None or failed); nothing is learned from it")
-        unscored = rollout.rewards.isnan()  # [N]
-        rollout.completion_mask = rollout.completion_mask * (~unscored).unsqueeze(1).to(rollout.completion_mask.dtype)
         return metrics
 
     def estimate_advantages(self, rollout: RolloutBatch) -> dict[str, float]:
@@ -597,7 +584,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
         if self.config.logging.report_to != "none":
-            self.accelerator.init_trackers(self.config.logging.run_name, config=_flat_scalars(self.config))
+            self.accelerator.init_trackers(self.config.logging.run_name, config=flat_scalars(self.config))
 
     def save_model(self, directory: Path, model: torch.nn.Module | None = None) -> None:
         """``save_pretrained`` (safetensors) of the policy (the adapter alone with LoRA) and tokenizer."""
@@ -611,21 +598,3 @@ class Trainer:
                                                     save_function=acc.save)
         if acc.is_main_process:
             self.tokenizer.save_pretrained(directory)
-
-
-def _flat_scalars(config: TrainConfig) -> dict[str, Any]:
-    import dataclasses
-
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            value = dataclasses.asdict(value)
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", config)
-    return flat

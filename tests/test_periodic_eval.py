@@ -17,14 +17,14 @@ def test_synthetic_held_out_problems_are_never_training_prompts(tmp_path):
 
     config = tiny_config(tmp_path, "eval.steps=1", "eval.limit=20", "data.num_examples=60")
     train = {str(r["prompt"]) for r in load_records(config.data, config.seed)}
-    held_out = held_out_records(config)
+    held_out = held_out_records(config, load_records(config.data, config.seed))
     assert len(held_out) == 20 and not train & {str(r["prompt"]) for r in held_out}
 
 
 def test_the_training_split_is_refused(tmp_path):
     config = tiny_config(tmp_path, "data.name=gsm8k", "data.split=test", "eval.steps=5")
     with pytest.raises(ConfigError, match="is the training data; evaluate on another split"):
-        held_out_records(config)
+        held_out_records(config, [])
 
 
 def test_accuracy_and_extraction_failures_by_hand(tmp_path, monkeypatch):
@@ -34,7 +34,9 @@ def test_accuracy_and_extraction_failures_by_hand(tmp_path, monkeypatch):
     import rlclip.rollout
 
     config = tiny_config(tmp_path, "eval.steps=1", "eval.limit=4", "eval.batch_size=3", "data.num_examples=20")
-    evaluator = PeriodicEval(config, Accelerator(cpu=True))
+    from rlclip.data import load_records
+
+    evaluator = PeriodicEval(config, Accelerator(cpu=True), load_records(config.data, config.seed))
     assert len(evaluator.records) == 4
     answers = [r["answer"] for r in evaluator.records]
     replies = iter([answers[0], str(int(answers[1]) + 1), f"so it is {answers[2]}", "no idea"])
