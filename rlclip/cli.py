@@ -1,4 +1,4 @@
-"""``rlclip train | eval | tiny-model``.
+"""``rlclip train | eval | objectives | report | compare | tiny-model``.
 
 Bad input (config, data, model path, reward output, CLI flags) and the usual
 user mistakes (YAML syntax, encodings, missing files, permissions) print exactly
@@ -31,6 +31,8 @@ commands:
   objectives [--imports FILE.py ...]                       list the objectives and their settings
   eval --suite SUITE [--model PATH | --gold] ...           score a model on gsm8k, math500, svamp or asdiv
   report RUN_DIR [RUN_DIR ...] --out DIR                   curves and a table comparing runs (PNGs + report.md)
+  compare --config RECIPE.yaml --objectives A,B --seeds 0,1  train each objective x seed (resumable), then a
+                                                           report with 95% intervals of held-out accuracy
   tiny-model DIR [--seed N]                                save a tiny random model and tokenizer to DIR
 
 --debug (anywhere on the line) shows the full traceback of an error; --version prints the version.
@@ -127,9 +129,15 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
+def compare_main(argv: list[str]) -> int:
+    from rlclip.compare import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "eval": eval_main,
                                                    "objectives": objectives_main, "report": report_main,
-                                                   "tiny-model": tiny_model_main}
+                                                   "compare": compare_main, "tiny-model": tiny_model_main}
 
 _OS_ERRORS = {  # exception type -> (what happened, the fix)
     FileNotFoundError: ("no such file or directory", "check the path"),

@@ -2,8 +2,10 @@
 
 The problems are never the training ones: a benchmark suite's evaluation split
 (``eval.split``, default the suite's test split; the same suite and split as
-``data`` is refused), or for ``synthetic`` a fresh draw with another seed, with
-any problem that is also a training prompt removed. Generation uses the live
+``data`` is refused), or for ``synthetic`` distinct problems drawn with a fixed
+seed (the same for every training seed, so runs that differ only in ``seed``
+are scored on the same problems where their training data allow), with any
+problem that is also a training prompt removed. Generation uses the live
 policy (``unwrap_model_for_generation``, as rollouts), greedy, each process
 taking a share of the problems; answers are graded by the same grader as
 ``rlclip eval`` and the rewards. Logs ``eval/accuracy`` and
@@ -20,7 +22,8 @@ from rlclip.lazy import torch
 if TYPE_CHECKING:
     from rlclip.config import TrainConfig
 
-SYNTHETIC_SEED_OFFSET = 1_000_003
+SYNTHETIC_EVAL_SEED = 1_000_003
+"""Seed of the synthetic held-out draw: independent of ``config.seed``."""
 
 
 def held_out_records(config: TrainConfig, train_records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -30,11 +33,15 @@ def held_out_records(config: TrainConfig, train_records: list[dict[str, Any]]) -
     if suite == "synthetic":
         from rlclip.data import synthetic
 
-        train = {str(r["prompt"]) for r in train_records}
-        drawn = synthetic.generate(4 * settings.limit, seed=config.seed + SYNTHETIC_SEED_OFFSET,
-                                   min_value=data.min_value, max_value=data.max_value, num_terms=data.num_terms,
-                                   operations=data.operations, instruction=data.instruction, chat=data.chat)
-        records = [r for r in drawn if str(r["prompt"]) not in train][: settings.limit]
+        seen = {str(r["prompt"]) for r in train_records}  # training prompts, then each problem taken
+        drawn = synthetic.generate(20 * settings.limit, seed=SYNTHETIC_EVAL_SEED, min_value=data.min_value,
+                                   max_value=data.max_value, num_terms=data.num_terms, operations=data.operations,
+                                   instruction=data.instruction, chat=data.chat)
+        records = []
+        for record in drawn:
+            if len(records) < settings.limit and str(record["prompt"]) not in seen:
+                seen.add(str(record["prompt"]))
+                records.append(record)
         if not records:
             raise ConfigError("eval.suite=synthetic: every fresh problem is also a training problem (the operand "
                               "range is too small); widen data.max_value or evaluate on a benchmark suite")
@@ -62,6 +69,8 @@ class PeriodicEval:
         suite = self.settings.suite or config.data.name
         self.grading_suite = "gsm8k" if suite == "synthetic" else suite
         self.max_new_tokens = self.settings.max_new_tokens or suite_max_new_tokens(self.grading_suite)
+        self.last_correct: list[float] | None = None
+        """The last evaluation's per-problem outcome (1.0 right, 0.0 wrong), in ``records`` order, on every process."""
 
     def due(self, step: int, last: bool) -> bool:
         """Every ``eval.steps`` steps, and at the last step."""
@@ -76,20 +85,28 @@ class PeriodicEval:
         from rlclip.rollout import SamplingSettings, sample_completions
         from rlclip.utils import all_reduce
 
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
-        share = self.records[acc.process_index::acc.num_processes]
+        indices = range(acc.process_index, len(self.records), acc.num_processes)
+        share = [self.records[i] for i in indices]
         correct = failed = 0.0
+        outcomes = []  # (problem index, 1.0 if right) for this process's share
         sampling = SamplingSettings(1, self.max_new_tokens, 0.0, 1.0, 0, None, 0)
         with torch.no_grad(), unwrap_model_for_generation(model, acc) as policy:
             policy.eval()
             for start in range(0, len(share), self.settings.batch_size):
                 chunk = share[start:start + self.settings.batch_size]
                 rollout = sample_completions(policy, tokenizer, chunk, sampling, acc.device)
-                for record, completion in zip(chunk, rollout.completions):
+                for offset, (record, completion) in enumerate(zip(chunk, rollout.completions)):
                     text = completion_text(completion)
-                    correct += float(grade(text, str(record["answer"]), self.grading_suite))
+                    right = float(grade(text, str(record["answer"]), self.grading_suite))
+                    correct += right
                     failed += float(extract_answer(text, self.grading_suite) is None)
+                    outcomes.append((indices[start + offset], right))
         model.train()
+        pooled = gather_object(outcomes) if acc.num_processes > 1 else outcomes
+        self.last_correct = [right for _, right in sorted(pooled)]
         totals = all_reduce(acc, torch.tensor([correct, failed, float(len(share))], device=acc.device), "sum")
         n = max(float(totals[2]), 1.0)
         return {"eval/accuracy": float(totals[0]) / n, "eval/extraction_failures": float(totals[1]) / n}

@@ -2,7 +2,8 @@
 
 A run directory is one that holds ``metrics.jsonl`` (and ``config.yaml``, which
 names the objective). A directory without one is searched one level down (the
-demo's ``runs/demo`` holds one run per objective), and arguments may be globs.
+demo's ``runs/demo`` holds one run per objective), and arguments may be globs
+(``runs/demo/*``: files among the matches, such as report.md, are passed over).
 Writes one PNG per quantity against step, every run overlaid and labelled by
 its objective, and ``report.md`` with each run's objective, settings, final and
 best values and links to the PNGs. Quantities no run logged are left out.
@@ -55,15 +56,19 @@ def find_runs(arguments: list[str]) -> list[Path]:
     found: list[Path] = []
     for argument in arguments:
         matches = sorted(glob.glob(argument)) or [argument]
-        for match in map(Path, matches):
-            if (match / "metrics.jsonl").is_file():
-                found.append(match)
-            elif match.is_dir() and (children := sorted(p.parent for p in match.glob("*/metrics.jsonl"))):
-                found.extend(children)
-            else:
-                raise ConfigError(f"{argument}: no metrics.jsonl there or in its subdirectories; pass a run's "
-                                  "output_dir (or a directory of runs, or a glob)")
+        runs = [run for match in map(Path, matches) for run in _runs_at(match)]
+        if not runs:
+            raise ConfigError(f"{argument}: no metrics.jsonl there or in its subdirectories; pass a run's "
+                              "output_dir (or a directory of runs, or a glob)")
+        found.extend(runs)
     return list(dict.fromkeys(found))
+
+
+def _runs_at(path: Path) -> list[Path]:
+    """``path`` if it is a run, else the runs one level below it (none for a file such as a glob's report.md)."""
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    return sorted(p.parent for p in path.glob("*/metrics.jsonl")) if path.is_dir() else []
 
 
 def load_run(path: Path) -> Run:
@@ -90,7 +95,9 @@ def label_runs(runs: list[Run]) -> None:
     """Label by objective; add the directory name where two runs share one."""
     names = [r.objective for r in runs]
     for run in runs:
-        run.label = run.objective if names.count(run.objective) == 1 else f"{run.objective} ({run.path.name})"
+        shared = names.count(run.objective) > 1
+        run.label = (run.objective if not shared else run.path.name if run.path.name.startswith(run.objective)
+                     else f"{run.objective} ({run.path.name})")
 
 
 def plot_panel(runs: list[Run], stem: str, title: str, keys: list[str], out: Path) -> str | None:
