@@ -34,7 +34,7 @@ def held_out_records(config: TrainConfig, train_records: list[dict[str, Any]]) -
         from rlclip.data import synthetic
 
         seen = {str(r["prompt"]) for r in train_records}  # training prompts, then each problem taken
-        drawn = synthetic.generate(20 * settings.limit, seed=SYNTHETIC_EVAL_SEED, min_value=data.min_value,
+        drawn = synthetic.generate(max(20 * settings.limit, 10_000), seed=SYNTHETIC_EVAL_SEED, min_value=data.min_value,
                                    max_value=data.max_value, num_terms=data.num_terms, operations=data.operations,
                                    instruction=data.instruction, chat=data.chat)
         records = []
@@ -78,14 +78,13 @@ class PeriodicEval:
 
     def run(self, model: Any, tokenizer: Any) -> dict[str, float]:
         """Greedy completions of this process's share of the problems; accuracy over all processes."""
+        from accelerate.utils import gather_object
         from trl.models import unwrap_model_for_generation
 
         from rlclip.rewards.grading import extract_answer, grade
         from rlclip.rewards.math_rewards import completion_text
         from rlclip.rollout import SamplingSettings, sample_completions
         from rlclip.utils import all_reduce
-
-        from accelerate.utils import gather_object
 
         acc = self.accelerator
         indices = range(acc.process_index, len(self.records), acc.num_processes)
