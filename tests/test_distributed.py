@@ -85,3 +85,25 @@ def test_entropy_bonus_moves_the_step(monkeypatch):
     monkeypatch.setitem(CASES, "no_bonus", [c for c in CASES["entropy_bonus"] if not c.startswith("entropy.")])
     without = step_once(4, "no_bonus")["params"]
     assert max((with_bonus[n] - without[n]).abs().max().item() for n in without) > 1e-4
+
+
+def test_two_process_compare_pools_every_held_out_problem_in_order(two_process):
+    """Each rank scores its share of the 5 problems; the result holds all 5 in the held-out order, once."""
+    from rlclip.compare import RESULT_NAME
+    from rlclip.config import load_config
+    from rlclip.periodic_eval import held_out_records
+
+    summary = json.loads((two_process / "compare" / "compare.json").read_text())
+    assert [row["seeds"] for row in summary["objectives"]] == [[0, 1]]
+    for seed in (0, 1):
+        directory = two_process / "compare" / f"ratio_clip-seed{seed}"
+        result = json.loads((directory / RESULT_NAME).read_text())
+        rows = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        config = load_config(directory / "config.yaml")
+        from rlclip.data import load_records
+
+        expected = [r["question"] for r in held_out_records(config, load_records(config.data, config.seed))]
+        assert result["problems"] == expected and len(result["correct"]) == 5
+        assert result["accuracy"] == rows[-1]["eval/accuracy"] and [r["step"] for r in rows] == [1, 2]
+    lines = (two_process / "launch_stderr.log").read_text().splitlines()
+    assert sum(line.startswith("[compare] (1/2) ratio_clip-seed0") for line in lines) == 1  # rank 0 speaks

@@ -8,6 +8,7 @@ Writes into OUT_DIR:
   train.json         world size, GRPO and PPO step numbers, PPO explained variance (rank 0)
   nan_rank<R>.json   the NaN-gradient report of each rank (``nan_grad.py``)
   sharded_rank<R>.json  clipper norms on DTensor gradients of each rank (``sharded_norms.py``)
+  compare/           ``rlclip compare`` of ratio_clip x seeds 0,1 (5 held-out problems: 3 on rank 0, 2 on rank 1)
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def main() -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sharded = sharded_norms()
+    from rlclip.compare import main as compare
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes/smoke/tiny.yaml"
+    compare(["--config", str(recipe), "--objectives", "ratio_clip", "--seeds", "0,1", f"--output_dir={out / 'compare'}",
+             "--max_steps=2", "--eval.limit=5", "--eval.max_new_tokens=4", "--logging.progress_bar=false",
+             "--rollout.prompts_per_step=2", "--rollout.max_new_tokens=8"])
     (out / f"nan_rank{rank}.json").write_text(json.dumps(nan_report))
     (out / f"sharded_rank{rank}.json").write_text(json.dumps(sharded))
     if rank == 0:
