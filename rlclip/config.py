@@ -40,15 +40,23 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    """Prompt source: synthetic, gsm8k, math500, svamp or asdiv."""
+    """Prompt source: synthetic, gsm8k, math500, svamp, asdiv, or your own prompts: jsonl, json, parquet (a file) or hf (a ``datasets`` data set)."""
     path: str | None = None
-    """Local file or hub data set name; None uses the source's default."""
+    """Benchmarks: local file or hub name, None: the default copy. jsonl/json/parquet: a file, a directory or a glob of them. hf: a save_to_disk directory, a data directory or a hub name."""
     split: str = "train"
-    """Split to train on."""
+    """Split to train on (benchmarks and hf; jsonl/json/parquet read every given file)."""
     limit: int | None = None
     """Use only the first ``limit`` records."""
     instruction: str | None = None
-    """Prompt template with ``{question}``; None uses the source's default."""
+    """Prompt template with ``{question}``; None uses the source's default (jsonl/json/parquet/hf: the prompt as it is; set, it wraps text prompts, not chat ones)."""
+    prompt_field: str = "prompt"
+    """jsonl/json/parquet/hf: column holding the prompt, text or chat messages ``[{role, content}]`` (renamed to ``prompt``)."""
+    answer_field: str | None = None
+    """jsonl/json/parquet/hf: column renamed to ``answer`` (for the ``correctness`` reward); None keeps the columns as they are."""
+    streaming: bool = False
+    """jsonl/json/parquet/hf: read the data set as a stream, so only the first ``limit`` records are read (for big files)."""
+    num_proc: int | None = None
+    """jsonl/json/parquet/hf: processes for the prompt mapping step (``Dataset.map``); None: one. Not with streaming."""
     num_examples: int = 2000
     """synthetic: number of problems generated."""
     min_value: int = 0
@@ -60,7 +68,7 @@ class DataConfig:
     operations: str = "+"
     """synthetic: operators to draw from, e.g. ``+-*``."""
     chat: bool = True
-    """Give prompts as chat messages (rendered with the tokenizer's chat template)."""
+    """Give prompts as chat messages (rendered with the tokenizer's chat template); for your own files, text prompts become one user message (false: kept as text)."""
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Prompt data sets for training and evaluation.
 
-Every source yields records with a ``prompt`` (chat messages or text) and
-other columns (``answer``, ``suite``, metadata) that reach the reward
-functions as keyword arguments.
+Sources: ``synthetic`` arithmetic, the benchmarks (gsm8k, math500, svamp,
+asdiv) and the user's own files or ``datasets`` data sets (jsonl, json,
+parquet, hf; see ``rlclip.data.files``). Every source yields records with a
+``prompt`` (chat messages or text) and other columns (``answer``, ``suite``,
+metadata) that reach the reward functions as keyword arguments.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from rlclip.errors import ConfigError
 if TYPE_CHECKING:
     from rlclip.config import DataConfig
 
-SOURCES = ("synthetic", "gsm8k", "math500", "svamp", "asdiv")
+BENCHMARKS = ("gsm8k", "math500", "svamp", "asdiv")
+FILE_SOURCES = ("jsonl", "json", "parquet", "hf")  # the user's own prompts: rlclip/data/files.py
+SOURCES = ("synthetic", *BENCHMARKS, *FILE_SOURCES)
 
 
 def load_records(cfg: DataConfig, seed: int = 0) -> list[dict[str, Any]]:
@@ -25,7 +29,11 @@ def load_records(cfg: DataConfig, seed: int = 0) -> list[dict[str, Any]]:
         records = synthetic.generate(cfg.num_examples, seed=seed, min_value=cfg.min_value, max_value=cfg.max_value,
                                      num_terms=cfg.num_terms, operations=cfg.operations,
                                      instruction=cfg.instruction, chat=cfg.chat)
-    elif cfg.name in SOURCES:
+    elif cfg.name in FILE_SOURCES:
+        from rlclip.data.files import load_file_records
+
+        records = load_file_records(cfg)
+    elif cfg.name in BENCHMARKS:
         from rlclip.data.suites import load_suite
 
         records = load_suite(cfg.name, cfg.path, split=cfg.split, instruction=cfg.instruction, limit=cfg.limit)
