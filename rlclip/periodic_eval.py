@@ -49,6 +49,9 @@ def held_out_records(config: TrainConfig, train_records: list[dict[str, Any]]) -
     from rlclip.data.suites import SUITES, load_suite
 
     if suite not in SUITES:
+        if settings.suite is None:  # the user's own prompts: no held-out split to fall back on
+            raise ConfigError(f"eval.steps={settings.steps} needs held-out problems, and data.name={suite} has no "
+                              f"evaluation split; set eval.suite to synthetic or one of {', '.join(SUITES)}")
         raise ConfigError(f"unknown eval.suite {suite!r}; choose synthetic or one of {', '.join(SUITES)}")
     split = settings.split or SUITES[suite].split
     if suite == data.name and split == data.split and (settings.path or None) == (data.path or None):

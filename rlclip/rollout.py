@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,11 @@ from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from rlclip.types import RolloutBatch
+
+# transformers 5 deprecates a name that TRL's unwrap_model_for_generation still reads before every
+# generation (rollouts and held-out evaluation); the warning says nothing to an rlclip user and splits
+# the progress bar.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass

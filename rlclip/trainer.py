@@ -15,7 +15,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
@@ -64,10 +63,6 @@ from rlclip.utils import (
     rows_of,
     split_indices,
 )
-
-# transformers 5 deprecates a name that TRL's unwrap_model_for_generation still reads on every rollout;
-# the warning says nothing to an rlclip user and splits the progress bar.
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class Trainer:

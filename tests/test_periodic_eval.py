@@ -27,6 +27,12 @@ def test_the_training_split_is_refused(tmp_path):
         held_out_records(config, [])
 
 
+def test_own_prompts_without_an_eval_suite_are_told_to_name_one(tmp_path):
+    config = tiny_config(tmp_path, "data.name=jsonl", "data.path=x.jsonl", "eval.steps=5")
+    with pytest.raises(ConfigError, match="data.name=jsonl has no evaluation split; set eval.suite to synthetic"):
+        held_out_records(config, [])
+
+
 def test_accuracy_and_extraction_failures_by_hand(tmp_path, monkeypatch):
     """Four problems answered right, wrong, right, unanswerable: accuracy 0.5, failures 0.25."""
     from accelerate import Accelerator
