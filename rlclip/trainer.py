@@ -11,8 +11,6 @@ update unchanged.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,8 +33,6 @@ from rlclip.config import (
     TrainConfig,
     build_clipper_from_config,
     build_objective_from_config,
-    flat_scalars,
-    to_yaml,
 )
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
 from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
@@ -52,6 +48,7 @@ from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
+from rlclip.run_log import RunLog
 from rlclip.scoring import score_rollout
 from rlclip.telemetry import TrustTelemetry
 from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
@@ -132,6 +129,7 @@ class Trainer:
         self.rollout_index = 0
         self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
         self.stopped_by: str | None = None  # the signal that stopped train() early
+        self.run_log = RunLog(self.accelerator, self.output_dir)
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model)
 
     def _say(self, message: str) -> None:
@@ -228,7 +226,7 @@ class Trainer:
     def _train(self) -> list[dict[str, Any]]:
         cfg, acc = self.config, self.accelerator
         resume_run(self)
-        self._write_config()
+        self.run_log.start(cfg)
         self._say(start_banner(self))
         started, history = time.perf_counter(), []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
@@ -254,7 +252,7 @@ class Trainer:
                     started = time.perf_counter()
                     metrics.update(self.evaluator.run(self.model, self.tokenizer), **{"time/eval_s": time.perf_counter() - started})
                 start = time.perf_counter()
-                self.log(metrics)
+                self.run_log.write(metrics, self.step)
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", loss=f"{metrics['loss']:.4f}")
@@ -566,21 +564,6 @@ class Trainer:
         return batch, entropy
 
     # ------------------------------------------------------------------ outputs
-    def log(self, metrics: dict[str, Any]) -> None:
-        """Append to metrics.jsonl and send to the trackers (main process)."""
-        self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
-        if self.accelerator.is_main_process:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(clean) + "\n")
-
-    def _write_config(self) -> None:
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
-        if self.config.logging.report_to != "none":
-            self.accelerator.init_trackers(self.config.logging.run_name, config=flat_scalars(self.config))
-
     def save_model(self, directory: Path, model: torch.nn.Module | None = None) -> None:
         """``save_pretrained`` (safetensors) of the policy (the adapter alone with LoRA) and tokenizer."""
         acc = self.accelerator
