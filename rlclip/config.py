@@ -91,6 +91,22 @@ class RolloutConfig:
     """Longest prompt in tokens; None: the model's context length minus max_new_tokens."""
     prompt_overflow: str = "truncate_left"
     """A longer prompt is ``truncate_left`` (keep its end) or ``reject`` (dropped from the data set at start); both are counted."""
+    backend: str = "hf"
+    """Who samples: hf (transformers generate on the training model), vllm_colocate (a vLLM engine inside each training process, on its GPU) or vllm_server (a vLLM server started with trl vllm-serve); vLLM gets the new weights before each rollout that follows a policy update, and its mismatch is corrected by is_mode (docs/vllm.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm_colocate: fraction of the GPU's memory the vLLM engine may take for weights, activations and KV cache (TRL's default)."""
+    vllm_tensor_parallel_size: int = 1
+    """vllm_colocate: GPUs per vLLM engine (tensor parallelism); must divide the number of processes."""
+    vllm_server_host: str = "0.0.0.0"
+    """vllm_server: host of the vLLM server."""
+    vllm_server_port: int = 8000
+    """vllm_server: port of the vLLM server."""
+    vllm_server_timeout: float = 240.0
+    """vllm_server: seconds to wait for the server to answer at start."""
+    is_mode: str = "sequence_mask"
+    """vLLM backends: importance-sampling correction of the sampler / trainer log-prob mismatch: token_truncate, token_mask, sequence_truncate, sequence_mask (TRL's default) or none (docs/vllm.md)."""
+    is_cap: float = 3.0
+    """vLLM backends: cap C of the importance ratio; truncate modes clip the ratio to C, mask modes zero the weight where it exceeds C (TRL's vllm_importance_sampling_clip_max)."""
 
 
 @dataclass
@@ -430,6 +446,7 @@ def validate(config: TrainConfig) -> None:
     if config.rollout.prompt_overflow not in ("truncate_left", "reject"):
         raise ConfigError(f"unknown rollout.prompt_overflow {config.rollout.prompt_overflow!r}; "
                           "choose truncate_left or reject")
+    _check_backend(config.rollout, config.model)
     if config.reward.on_error not in ("raise", "skip"):
         raise ConfigError(f"unknown reward.on_error {config.reward.on_error!r}; choose raise or skip")
     for key in ("prompts_per_step", "group_size", "max_new_tokens"):
@@ -477,6 +494,36 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)
     build_clipper_from_config(config)
+
+
+BACKENDS = ("hf", "vllm_colocate", "vllm_server")
+
+
+def _check_backend(rollout: RolloutConfig, model: ModelConfig) -> None:
+    """The generation backend and its importance-sampling settings; a vLLM backend needs vllm installed."""
+    from rlclip.is_correction import check_is_settings
+
+    if rollout.backend not in BACKENDS:
+        raise ConfigError(f"unknown rollout.backend {rollout.backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_is_settings(rollout.is_mode, rollout.is_cap)
+    if not 0 < rollout.vllm_gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.vllm_gpu_memory_utilization must lie in (0, 1], got "
+                          f"{rollout.vllm_gpu_memory_utilization}; e.g. 0.3")
+    _positive(rollout.vllm_tensor_parallel_size, "rollout.vllm_tensor_parallel_size")
+    if not 0 < rollout.vllm_server_port < 65536:
+        raise ConfigError(f"rollout.vllm_server_port must lie in [1, 65535], got {rollout.vllm_server_port}")
+    _positive(rollout.vllm_server_timeout, "rollout.vllm_server_timeout", allow_zero=True)
+    if rollout.backend != "hf" and model.gguf_file:
+        raise ConfigError(f"rollout.backend={rollout.backend} cannot load model.gguf_file; use rollout.backend: hf "
+                          "or convert the model to safetensors")
+    check_backend_installed(rollout.backend)
+
+
+def check_backend_installed(backend: str) -> None:
+    """A vLLM backend without the vllm package is a one-line error before any model loads."""
+    if backend != "hf" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rollout.backend={backend} needs the vllm package, which is not installed; "
+                          "pip install vllm, or set rollout.backend: hf")
 
 
 def _check_tracker(report_to: str) -> None:

@@ -56,6 +56,9 @@ class PolicyBatch:
     step_stats: dict[str, Tensor] | None = None
     """Statistics of the whole optimizer step from ``Objective.step_statistics`` (rows sliced to this
     batch); None: the objective computes them from this batch alone."""
+    token_weights: Tensor | None = None
+    """``[B, T]`` per-token weights applied to the per-token loss before aggregation (the importance-sampling
+    correction of a vLLM sampler, rlclip/is_correction.py; not to the KL penalty); None: 1."""
 
 
 @dataclass
@@ -105,6 +108,11 @@ class RolloutBatch:
     """Old policy's sparse top set per token (``indices``, ``logprobs``, ``mask``)."""
     prompts_truncated: int = 0
     """Prompts of this rollout cut from the left to ``rollout.max_prompt_length``."""
+    sampler_logprobs: Tensor | None = None
+    """``[B, T]`` log-probs the sampler (a vLLM engine) gave the completion tokens; 0 off the mask, NaN where it
+    gave none. None: the training model sampled (``rollout.backend: hf``)."""
+    is_weights: Tensor | None = None
+    """``[B, T]`` importance-sampling weights of the sampler mismatch (rlclip/is_correction.py); None: 1."""
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -214,7 +214,12 @@ class Objective(abc.ABC):
 
     The entropy and off-policy filters multiply the per-token loss (the
     denominator keeps counting the filtered tokens, as TRL); the KL penalty
-    to the reference is not filtered by them (as TRL). ``mask_truncated``
+    to the reference is not filtered by them (as TRL). ``PolicyBatch.token_weights``
+    (the importance-sampling correction of a vLLM sampler, rlclip/is_correction.py)
+    multiplies the per-token loss after the filters and leaves the KL penalty
+    unweighted, as TRL 1.16 (trl/trainer/grpo_trainer.py, ``_compute_loss``:
+    the ratio multiplies ``per_token_loss`` before ``beta * per_token_kl`` is
+    added). ``mask_truncated``
     removes the completions from the mask itself. The metric ``kept_frac`` is
     the fraction of completion tokens that train when any filter is on.
     """
@@ -418,6 +423,8 @@ class Objective(abc.ABC):
         self._check_per_token(per_token, batch)
         if keep is not None:
             per_token = per_token * keep  # [B, T]
+        if batch.token_weights is not None:  # the sampler's IS correction; the KL penalty below stays unweighted
+            per_token = per_token * batch.token_weights.to(per_token.dtype)  # [B, T]
         if keep is not None or self.mask_truncated:
             trains = batch.mask if keep is None else batch.mask * keep
             filter_metrics["kept_frac"] = masked_mean(trains.detach().to(completion_mask.dtype), completion_mask)
