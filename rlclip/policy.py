@@ -72,6 +72,15 @@ def _chunk_slices(total: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, total, chunk_size)]
 
 
+def _gathered(*params: Tensor | None):
+    """DeepSpeed ZeRO-3 empties every weight outside its module's forward; the chunk loops below multiply by
+    the output layer's weight directly, so they gather it while they do (forward, and again where backward
+    recomputes). A null context without ZeRO-3."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    return maybe_gather_lm_head_ctx(*[p for p in params if p is not None and hasattr(p, "ds_status")])
+
+
 def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
     return F.linear(hidden, weight, bias).float() / temperature  # [n, V], float32 whatever the model dtype
 
@@ -114,10 +123,17 @@ class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, tokens, lse, entropy = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        temperature = ctx.temperature
         if grad_logprobs is None:
             grad_logprobs = lse.new_zeros(lse.shape)  # [N]
+        with _gathered(weight, bias):
+            return _TokenLogProb._backward_chunks(ctx, hidden, weight, bias, tokens, lse, entropy, grad_logprobs,
+                                                  grad_entropy)
+
+    @staticmethod
+    def _backward_chunks(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor, lse: Tensor,
+                         entropy: Tensor, grad_logprobs: Tensor, grad_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        temperature = ctx.temperature
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
@@ -278,8 +294,14 @@ def _support_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: 
 def _run_chunk(fn, *args):
     """``fn(*args)``, through activation checkpointing when a grad is needed (no [n, V] kept for backward)."""
     if torch.is_grad_enabled() and args[0].requires_grad:
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(_head_call, fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def _head_call(fn, hidden: Tensor, weight: Tensor, bias: Tensor | None, *rest):
+    """``fn`` on a chunk with the output layer gathered (its recomputation in backward gathers it again)."""
+    with _gathered(weight, bias):
+        return fn(hidden, weight, bias, *rest)
 
 
 def _chunked_record(hidden: Tensor, tokens: Tensor, lm_head: nn.Module, temperature: float, need_entropy: bool,
@@ -357,6 +379,18 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
         raise ValueError("support needs old_support: the dict recorded by a record_support pass")
     hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     lm_head = unwrap(model).get_output_embeddings()
+    with _gathered(lm_head.weight, getattr(lm_head, "bias", None)):
+        out = _head_outputs(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size, record_support,
+                            support, old_support)
+    if "entropy" in out and not entropy_grad:
+        out["entropy"] = out["entropy"].detach()
+    return out
+
+
+def _head_outputs(hidden: Tensor, completion_ids: Tensor, lm_head: nn.Module, temperature: float,
+                  need_entropy: bool, chunk_size: int, record_support: SupportSpec | None,
+                  support: SupportSpec | None, old_support: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The chunked head passes of ``completion_logprobs`` (behaviour, update with support, or plain)."""
     if record_support is not None:
         out = _chunked_record(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size,
                               record_support)
@@ -366,6 +400,4 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
     else:
         logprobs, entropy = _chunked(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size)
         out = {"logprobs": logprobs} if entropy is None else {"logprobs": logprobs, "entropy": entropy}
-    if "entropy" in out and not entropy_grad:
-        out["entropy"] = out["entropy"].detach()
     return out

@@ -14,18 +14,15 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
-from trl.models import unwrap_model_for_generation
 
 from rlclip import advantages as adv_lib
 from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
@@ -39,15 +36,18 @@ from rlclip.critic import clipped_value_loss, completion_values, explained_varia
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
+from rlclip.generation import build_generator
 from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
+from rlclip.is_correction import importance_weights
 from rlclip.modeling import load_model, load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
+from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs, unwrap
 from rlclip.rewards import resolve_reward_func
-from rlclip.rollout import SamplingSettings, limit_prompts, sample_completions
+from rlclip.rollout import SamplingSettings, limit_prompts
 from rlclip.run_log import RunLog
 from rlclip.scoring import score_rollout
 from rlclip.telemetry import TrustTelemetry
@@ -79,8 +79,7 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         report_to = None if config.logging.report_to == "none" else config.logging.report_to
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=report_to,
-                                       project_dir=config.output_dir)
+        self.accelerator = build_accelerator(report_to, config.output_dir)
         self.lock = claim_output_dir(self.accelerator, self.output_dir, bool(config.resume_from_checkpoint),
                                      config.overwrite_output_dir)  # before anything heavy: a bad output_dir fails in a second
         try:
@@ -96,6 +95,9 @@ class Trainer:
         config = self.config
         set_seed(config.seed)
         self.objective = build_objective_from_config(config)
+        self.layout = Layout(self.accelerator)  # DDP or DeepSpeed: who reduces, clips and steps
+        self.layout.configure(config)
+        self.generator = build_generator(config, self.accelerator)  # hf, or vLLM (a missing vllm fails here)
         self.clipper = build_clipper_from_config(config)
         self.guard = NonFiniteGuard(self.accelerator, config.train.max_consecutive_skips)
         self.entropy_bonus = EntropyBonus(config.entropy)
@@ -179,7 +181,7 @@ class Trainer:
         cfg = self.config.model
         ref = load_model(self._base_path, cfg.dtype, cfg.gguf_file, cfg.trust_remote_code, cfg.attn_implementation)
         ref.requires_grad_(False).eval()
-        return ref.to(self.accelerator.device)
+        return self.layout.reference(ref)
 
     def _critic(self) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
         """PPO mode: the value model and its own optimizer (None otherwise)."""
@@ -203,7 +205,7 @@ class Trainer:
             return torch.optim.SGD(params, lr=cfg.learning_rate)
         # One fused kernel per step instead of a loop of small ops per tensor (about 4 optimizer passes over
         # the model fewer); plain tensors on CPU or CUDA only (DTensor shards keep the default).
-        fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        fused = self.layout.fused_optimizer and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
                     for p in params)
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                  betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
@@ -226,6 +228,8 @@ class Trainer:
     def _train(self) -> list[dict[str, Any]]:
         cfg, acc = self.config, self.accelerator
         resume_run(self)
+        if self.step:  # resumed: the policy is not the checkpoint a vLLM engine loads at start
+            self.generator.policy_changed()
         self.run_log.start(cfg)
         self._say(start_banner(self))
         started, history = time.perf_counter(), []
@@ -314,15 +318,11 @@ class Trainer:
         return picked
 
     def generate(self, records: list[dict[str, Any]]) -> RolloutBatch:
-        """Rollout: G completions per prompt from the current policy."""
+        """Rollout: G completions per prompt from the current policy (rlclip/generation.py: hf or vLLM)."""
         r = self.config.rollout
         settings = SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
                                     self.max_prompt_length, r.min_new_tokens)
-        with unwrap_model_for_generation(self.model, self.accelerator) as policy:
-            policy.eval()
-            rollout = sample_completions(policy, self.tokenizer, records, settings, self.accelerator.device)
-        self.model.train()
-        return rollout
+        return self.generator.generate(self.model, self.tokenizer, records, settings)
 
     def score(self, rollout: RolloutBatch) -> dict[str, float]:
         """Reward: the weighted reward functions (rlclip/scoring.py); the rollout's metrics over all processes."""
@@ -359,7 +359,8 @@ class Trainer:
         """No-grad passes after generation: behaviour log-probs (and sparse support), reference log-probs."""
         cfg = self.config.train
         needs = self.objective.needs
-        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1
+        # another engine sampled: the trainer's own log-probs are the behaviour policy the IS weights correct to
+        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1 or rollout.sampler_logprobs is not None
         kl_in_reward = self.config.advantage.kl_in_reward > 0
         behaviour_pass = off_policy or kl_in_reward or "support" in needs
         old, supports, ref, values = [], [], [], []
@@ -380,7 +381,13 @@ class Trainer:
         rollout.ref_logprobs = torch.cat(ref) if ref else None
         if "support" in needs:
             rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
-        return mask_nonfinite(rollout, self.accelerator)
+        metrics = mask_nonfinite(rollout, self.accelerator)
+        if rollout.sampler_logprobs is not None:
+            rollout.is_weights, is_metrics = importance_weights(
+                rollout.old_logprobs, rollout.sampler_logprobs, rollout.completion_mask, self.config.rollout.is_mode,
+                self.config.rollout.is_cap, reduce=ProcessReducer(self.accelerator))  # [N, T]
+            metrics.update(is_metrics)
+        return metrics
 
     def _reference_logprobs(self, micro: RolloutBatch) -> Tensor:
         if self.ref_model is not None:
@@ -439,7 +446,7 @@ class Trainer:
         for i, idx in enumerate(chunks):
             micro = mini_batch.select(idx)
             weight = float(micro.completion_mask.sum())
-            with self._no_sync(last=i == len(chunks) - 1):
+            with self.layout.no_sync((self.model, self.critic), last=i == len(chunks) - 1):
                 # DDP averages gradients over processes; each loss is already a share of the global mean.
                 if train_policy:
                     batch, entropy = self.policy_batch(micro, num_tokens, num_sequences)
@@ -451,11 +458,11 @@ class Trainer:
                     loss = out.loss
                     if self.entropy_bonus.enabled:
                         loss = loss + self.entropy_bonus.loss(entropy, *self.objective.bonus_mask(batch))
-                    acc.backward(loss * acc.num_processes)
+                    self.layout.backward(self.model, loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
                     value_out = self.value_loss(micro, value_tokens)
-                    acc.backward(value_out.loss * self.config.critic.vf_coef * acc.num_processes)
+                    self.layout.backward(self.critic, value_out.loss * self.config.critic.vf_coef * acc.num_processes)
                     critic_metrics.add(value_out, weight)
         result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)
         if train_policy and self.entropy_bonus.enabled:
@@ -470,6 +477,13 @@ class Trainer:
 
     def _apply_gradients(self, train_policy: bool, policy_loss: float, critic_loss: float) -> dict[str, float]:
         """Non-finite guard -> gradient clipper -> optimizer steps; a non-finite step changes nothing."""
+        if self.layout.deepspeed:  # DeepSpeed clips and skips a non-finite step itself; the guard counts it
+            applied, norm = self.layout.step(self.model)
+            self.guard.take_step(self.step, policy_loss, norm)
+            if applied:
+                self.scheduler.step()
+                self.generator.policy_changed()
+            return {"optim/skipped_steps": float(self.guard.skipped), "optim/grad_norm": norm, "grad/norm_pre": norm}
         policy_params = [p for p in self.model.parameters() if p.requires_grad] if train_policy else []
         norm = self.clipper.measure(policy_params) if train_policy else torch.zeros(())
         critic_params = [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
@@ -481,6 +495,7 @@ class Trainer:
             result["optim/grad_norm"] = result["grad/norm_pre"]
             self.optimizer.step()
             self.scheduler.step()
+            self.generator.policy_changed()
         elif train_policy:
             result.update({"optim/grad_norm": float(norm), "grad/norm_pre": float(norm)})
         if self.critic is not None:
@@ -522,15 +537,6 @@ class Trainer:
                            entropy=None if batch.entropy is None else batch.entropy.detach())
         return self.objective.step_statistics(detached, ProcessReducer(self.accelerator))
 
-    def _no_sync(self, last: bool) -> ExitStack:
-        """Skip DDP's gradient all-reduce on all but the last micro-batch (policy and critic)."""
-        stack = ExitStack()
-        if not last:
-            for model in (self.model, self.critic):
-                if model is not None:
-                    stack.enter_context(self.accelerator.no_sync(model))
-        return stack
-
     def value_loss(self, micro: RolloutBatch, num_tokens: Tensor) -> ObjectiveOutput:
         """Clipped value loss, token mean over the global token count."""
         values = completion_values(self.critic, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
@@ -560,6 +566,7 @@ class Trainer:
             entropy=None if entropy is None else entropy.detach(), support_logprobs=stats.get("support_logprobs"),
             old_support_logprobs=stats.get("old_support_logprobs"), support_mask=stats.get("support_mask"),
             num_tokens=num_tokens, num_sequences=num_sequences, truncated=micro.truncated,
+            token_weights=micro.is_weights,
         )
         return batch, entropy
 

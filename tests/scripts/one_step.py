@@ -67,8 +67,21 @@ def step_once(micro: int, case: str) -> dict:
     share = 4 // acc.num_processes
     local = rollout.select(torch.arange(acc.process_index * share, (acc.process_index + 1) * share))
     metrics = trainer.optimizer_step(local)
-    params = {n: p.detach().cpu().clone() for n, p in acc.unwrap_model(trainer.model).named_parameters()}
-    return {"params": params, "metrics": metrics}
+    return {"params": current_params(trainer), "metrics": metrics}
+
+
+def current_params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """This process's view of every policy parameter, whole (gathered first under DeepSpeed ZeRO-3)."""
+    from contextlib import nullcontext
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    gather = nullcontext()
+    if trainer.layout.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gather:
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
 
 def train_two_modes() -> dict:

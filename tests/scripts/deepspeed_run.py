@@ -1,0 +1,68 @@
+"""The trainer under DeepSpeed ZeRO on two CPU processes (gloo), for tests/test_deepspeed.py.
+
+Usage: accelerate launch --config_file recipes/accelerate/deepspeed_zero{2,3}.yaml --num_processes 2
+       --mixed_precision no deepspeed_run.py OUT_DIR
+Writes into OUT_DIR (rank 0):
+  step_<case>.pt   parameters and metrics after one step of ``one_step.CASES[case]`` (2 processes x micro-batch 2,
+                   the same global batch as the 1-process reference)
+  train.json       the stage, world size, the steps of a 3-step run and of a 2-step run resumed to 3
+  straight.pt / resumed.pt   the parameters after those two runs (a resume must land on the same weights)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+# DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce (a C++ build of minutes on
+# 2 cores) that only its inference path uses; marking the op unavailable keeps plain gloo collectives.
+import deepspeed.ops  # noqa: E402
+
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from one_step import current_params, step_once  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from rlclip.trainer import Trainer  # noqa: E402
+
+CASES = ("default", "archer_response")  # archer: a frozen reference model beside the engine
+
+
+def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
+    # one optimizer step per rollout, so a run stopped at step 2 and resumed starts step 3 where the
+    # straight run does: with a fresh rollout
+    trainer = Trainer(tiny_config(directory, "train.learning_rate=1e-2", "rollout.prompts_per_step=2",
+                                  "train.micro_batch_size=4", "train.num_iterations=1", "train.mini_batches=1",
+                                  *overrides))
+    history = trainer.train()
+    return [h["step"] for h in history], current_params(trainer), trainer
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    results = {case: step_once(2, case) for case in CASES}
+    shared = Path(tempfile.gettempdir()) / f"rlclip-ds-{out.name}"  # one path on both ranks
+    straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
+                                            "overwrite_output_dir=true")
+    first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
+    resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        for case, result in results.items():
+            torch.save(result, out / f"step_{case}.pt")
+        torch.save(straight, out / "straight.pt")
+        torch.save(resumed, out / "resumed.pt")
+        (out / "train.json").write_text(json.dumps({
+            "stage": trainer.layout.zero_stage, "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
+            "straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
+            "saved": (shared / "straight" / "model.safetensors").exists()}))
+
+
+if __name__ == "__main__":
+    main()
