@@ -43,7 +43,7 @@ def launch(stage: int, out: str) -> str:
     return out
 
 
-STAGES = [2]
+STAGES = [2, 3]
 
 
 @pytest.fixture(scope="module", params=STAGES, ids=[f"zero{stage}" for stage in STAGES])
