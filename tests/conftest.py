@@ -19,6 +19,19 @@ if "torch" in sys.modules:  # imported before this file (by a plugin): the varia
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for a launcher's rendezvous.
+
+    Fixed ports collided: in CI a launch failed with EADDRINUSE on a port that a fixed number had given to
+    two launches. The kernel picks this one (bind to port 0); the moment between closing it here and the
+    launcher binding it is the only window left for a clash."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_config(tmp_path: Path, *overrides: str):
     """The smoke recipe with quiet output in ``tmp_path`` plus dotted overrides."""
     from rlclip.config import load_config
@@ -45,7 +58,7 @@ def two_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_process")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517"]
+              "--main_process_port", str(free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([*launch, str(ROOT / "tests/scripts/two_process.py"), str(out)], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=1500)

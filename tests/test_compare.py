@@ -99,8 +99,10 @@ def test_a_run_made_with_other_settings_is_refused(tmp_path):
 
 
 def test_sweep_interrupted_and_resumed_writes_intervals_and_curves(tmp_path, monkeypatch, capsys):
-    """2 objectives x 2 seeds on the tiny model; Ctrl-C after the first step of the second run, then the same
-    command again: the finished run is kept, the stopped one resumes from its checkpoint, the rest train."""
+    """2 objectives x 2 seeds on the tiny model (rollouts of 2 prompts); Ctrl-C after the first
+    step of the second run, then the same command again: the finished run is kept, the stopped one resumes from its
+    checkpoint, the rest train. A third call trains nothing and goes straight to the report."""
+    import rlclip.compare
     from rlclip.trainer import Trainer
 
     argv = ["--config", str(ROOT / "recipes/smoke/tiny.yaml"), "--objectives", "ratio_clip,pspo", "--seeds", "0,1",
@@ -148,5 +150,11 @@ def test_sweep_interrupted_and_resumed_writes_intervals_and_curves(tmp_path, mon
     for png in ["reward", "eval_accuracy", "kl", "trust", "length", "grad_norm"]:
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
 
+    # the third call: the report's writing is checked above, so here it is only recorded (its plots cost more than
+    # the rest of the call)
+    reports = []
+    monkeypatch.setattr(rlclip.compare, "write_compare_report",
+                        lambda out, runs, results, **kwargs: reports.append(len(results)) or out / "report.md")
     started.clear()
-    assert main(argv) == 0 and started == []  # a third call only rewrites the report
+    assert main(argv) == 0 and started == []  # nothing trains again ...
+    assert reports == [4]  # ... and the report is written from the four kept results

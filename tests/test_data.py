@@ -220,9 +220,15 @@ def test_real_files_shuffled_golds_rarely_match(name: str) -> None:
 
 
 def test_real_math500_self_check_through_math_verify() -> None:
-    """The symbolic path alone (no string shortcut) accepts the reference answers too."""
+    """The symbolic path alone (no string shortcut) accepts the reference answers too.
+
+    With a generous timeout: this checks math-verify's verdicts, not its speed. Under the default 5 s a busy
+    machine timed out on identical answers (each a False) while a fresh worker was still loading sympy, and
+    each timeout killed the worker and started a cold one, so one slow comparison led to the next: about 15
+    minutes and 12 false rejections, against about 30 s of comparisons (all 500 accepted) without timeouts."""
     records = _real("math500")
     pool = get_pool()
     with ThreadPoolExecutor(max_workers=pool.max_workers) as executor:
-        verdicts = list(executor.map(lambda r: pool.verify(r["answer"], last_boxed(r["solution"])), records))
+        verdicts = list(executor.map(lambda r: pool.verify(r["answer"], last_boxed(r["solution"]), timeout=60),
+                                     records))
     assert sum(verdicts) / len(records) >= 0.97

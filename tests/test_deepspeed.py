@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.xdist_group("deepspeed")  # one worker launches both stages, one after the other
@@ -31,11 +31,11 @@ from one_step import step_once  # noqa: E402
 step = functools.lru_cache(step_once)
 
 
-@functools.lru_cache
+@functools.lru_cache  # one launch per stage, however often pytest sets the module fixture up again
 def launch(stage: int, out: str) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / f"recipes/accelerate/deepspeed_zero{stage}.yaml"), "--num_processes", "2",
-               "--mixed_precision", "no", "--main_process_port", str(29530 + stage),
+               "--mixed_precision", "no", "--main_process_port", str(free_port()),
                str(ROOT / "tests/scripts/deepspeed_run.py"), out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
@@ -48,8 +48,9 @@ STAGES = [2, 3]
 
 @pytest.fixture(scope="module", params=STAGES, ids=[f"zero{stage}" for stage in STAGES])
 def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"zero{request.param}")
-    return request.param, launch(request.param, str(out))
+    out = os.path.join(tmp_path_factory.getbasetemp(), f"zero{request.param}")  # the same path each time
+    os.makedirs(out, exist_ok=True)
+    return request.param, launch(request.param, out)
 
 
 def assert_same(a: dict, b: dict, atol: float) -> None:

@@ -191,7 +191,7 @@ CASES: dict[str, Case] = {
     "model-hub-offline": Case([*TRAIN, "--model.name_or_path", "Qwen/Qwen2.5-0.5B-Instruct"],
                               env={"HF_HUB_OFFLINE": "1"}),
     "model-hub-unreachable": Case([*TRAIN, "--model.name_or_path", "Qwen/Qwen2.5-0.5B-Instruct"],
-                                  env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, subprocess=True),
+                                  env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
     # ---------------------------------------------------------------- rlclip eval
     "eval-nothing-to-evaluate": Case(["eval", "--suite", "gsm8k"]),
     "eval-unknown-suite": Case(["eval", "--suite", "mmlu", "--gold"]),
@@ -261,6 +261,17 @@ def message_pattern(message: str) -> re.Pattern[str]:
     return re.compile(regex + r"\Z")
 
 
+def _set_hub_constants(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` once, when it is imported: an in-process run
+    sets its constants as a fresh ``python -m rlclip`` with ``env`` would have them (same parsing as the hub's)."""
+    from huggingface_hub import constants
+
+    if "HF_ENDPOINT" in env:
+        monkeypatch.setattr(constants, "ENDPOINT", env["HF_ENDPOINT"].rstrip("/"))
+    if "HF_HUB_OFFLINE" in env:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants._is_true(env["HF_HUB_OFFLINE"]))
+
+
 def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) \
         -> tuple[int, str]:
     for name, content in case.files.items():
@@ -279,6 +290,7 @@ def run_case(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     from rlclip.cli import main
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    _set_hub_constants(env, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(ROOT)
     capsys.readouterr()

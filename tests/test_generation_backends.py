@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, free_port, tiny_config
 from rlclip.config import TrainConfig
 from rlclip.errors import ConfigError
 from rlclip.rollout import SamplingSettings
@@ -155,7 +155,7 @@ def fake_vllm(monkeypatch, tiny):
     monkeypatch.setattr(vg, "VLLMClient", FakeClient)
     monkeypatch.setattr(rlclip.generation, "check_backend_installed", lambda backend: None)
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
-                       "MASTER_PORT": "29533"}.items():
+                       "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
     return vg
 

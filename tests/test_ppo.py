@@ -100,17 +100,11 @@ def test_explained_variance_is_undefined_when_returns_do_not_vary():
     assert explained_variance(torch.tensor(2.0), torch.tensor(0.5)).item() == pytest.approx(0.75)
 
 
-NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")  # issue 12
-"""These train 3 steps with mu = 2 on a smaller rollout (fast); the others 2 steps of the smoke recipe."""
-
-
 @pytest.mark.parametrize("objective", [n for n in available_objectives() if not n.startswith("test_")])
 def test_every_objective_runs_in_ppo_mode(tmp_path, objective):
-    if objective in NEW_OBJECTIVES:
-        extra = ["max_steps=3", "train.num_iterations=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
-                 "rollout.max_new_tokens=8", "train.micro_batch_size=2"]
-    else:
-        extra = ["max_steps=2"]
+    """3 steps with mu = 2 (step 3 is off-policy) on a small rollout, two micro-batches per mini-batch."""
+    extra = ["max_steps=3", "train.num_iterations=2", "rollout.prompts_per_step=2", "rollout.group_size=4",
+             "rollout.max_new_tokens=8", "train.micro_batch_size=2"]
     cfg = tiny_config(tmp_path, "advantage.name=gae", f"objective.name={objective}", "critic.learning_rate=1e-3",
                       *extra)
     history = Trainer(cfg).train()
@@ -138,9 +132,13 @@ def first_char_is_alnum(prompts, completions, **kwargs):
 
 
 def test_value_loss_falls_and_explained_variance_rises(tmp_path):
-    cfg = tiny_config(tmp_path, "advantage.name=gae", "advantage.lam=1.0", "max_steps=80",
+    """The critic alone trains: critic.warmup_steps = max_steps keeps the policy, and so the value target, fixed
+    (before, a policy learning rate of 1e-6 did: the same curves, plus a policy update each step). One micro-batch
+    per step. Measured: the explained variance of the last 10 steps is about 0.26 after 50 steps (0.11 after 40),
+    of the first 10 about 0."""
+    cfg = tiny_config(tmp_path, "advantage.name=gae", "advantage.lam=1.0", "max_steps=50", "critic.warmup_steps=50",
                       "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=4",
-                      "train.learning_rate=1e-6", "train.num_iterations=1", "train.mini_batches=1",
+                      "train.num_iterations=1", "train.mini_batches=1", "train.micro_batch_size=32",
                       "critic.learning_rate=1e-2", "critic.value_clip=null")
     history = Trainer(cfg, reward_funcs=[first_char_is_alnum]).train()
 

@@ -281,22 +281,31 @@ def test_partial_checkpoint_from_a_killed_save_is_never_picked(tmp_path, eight_s
     assert [h["step"] for h in history] == [5]
 
 
+KILLED_RUN = ["max_steps=2", "save_steps=1", "train.num_iterations=1", "train.mini_batches=1",
+              "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8"]
+"""One optimizer step per small rollout, a checkpoint after each: checkpoint-1 is complete, checkpoint-2 is the
+save that the kill interrupts."""
+
+
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    """A real SIGKILL (a separate process) after the model of checkpoint-2 is written and before the rest is."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *KILLED_RUN], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
-    assert not (tmp_path / "checkpoint-8").exists()
-    history = Trainer(tiny_config(tmp_path, "max_steps=8", "save_steps=4",
-                                  "resume_from_checkpoint=latest")).train()
-    assert [h["step"] for h in history] == [5, 6, 7, 8]
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+    assert (tmp_path / ".partial-checkpoint-2").is_dir()  # killed mid-save: only the staging directory
+    assert not (tmp_path / "checkpoint-2").exists()
+    history = Trainer(tiny_config(tmp_path, *KILLED_RUN, "resume_from_checkpoint=latest")).train()
+    assert [h["step"] for h in history] == [2]
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
-    """A real SIGTERM, delivered to this process right after optimizer step 3 (mid-rollout)."""
+    """A real SIGTERM, delivered to this process right after optimizer step 3 (mid-rollout: mu = 2 and two
+    mini-batches make four optimizer steps per rollout; the rollouts are small, 2 prompts x 4 completions)."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    a = Trainer(tiny_config(straight, "max_steps=8", "save_steps=4"))
+    small = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8"]
+    a = Trainer(tiny_config(straight, "max_steps=8", "save_steps=4", *small))
     a.train()
     step = Trainer.optimizer_step
 
@@ -308,14 +317,14 @@ def test_sigterm_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(Trainer, "optimizer_step", stepping)
     capsys.readouterr()
-    b = Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4"))
+    b = Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4", *small))
     b.train()
     err = capsys.readouterr().err
     assert b.stopped_by == "SIGTERM" and b.step == 3
     assert "stopped by SIGTERM after step 3" in err and "--resume_from_checkpoint latest" in err
     assert (stopped / "checkpoint-3" / "rollout_0.pt").is_file()  # mid-rollout: the rollout is saved
     monkeypatch.setattr(Trainer, "optimizer_step", step)
-    Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4", "resume_from_checkpoint=latest")).train()
+    Trainer(tiny_config(stopped, "max_steps=8", "save_steps=4", *small, "resume_from_checkpoint=latest")).train()
     from safetensors.torch import load_file
 
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")

@@ -102,9 +102,12 @@ def test_python_reward_funcs_and_dataset(tmp_path):
 
 
 def test_learning_toy_task_raises_reward(tmp_path):
-    # Reward = fraction of emitted characters that are "7" (about 1/99 at random init).
-    cfg = tiny_config(tmp_path, "max_steps=30", "rollout.prompts_per_step=8", "rollout.max_new_tokens=8",
-                      "train.learning_rate=0.01", "train.num_iterations=1", "train.mini_batches=2")
+    # Reward = fraction of emitted characters that are "7" (about 1/99 at random init). Two optimizer steps per
+    # rollout, each one micro-batch of 32. Measured: the mean reward of the last 4 steps is about 0.68 after 16
+    # steps (0.49 after 14, 1.0 after 28), the first 4 about 0.016.
+    cfg = tiny_config(tmp_path, "max_steps=16", "rollout.prompts_per_step=8", "rollout.max_new_tokens=8",
+                      "train.learning_rate=0.01", "train.num_iterations=1", "train.mini_batches=2",
+                      "train.micro_batch_size=32")
     history = Trainer(cfg).train()
     first = sum(h["reward/mean"] for h in history[:4]) / 4
     last = sum(h["reward/mean"] for h in history[-4:]) / 4
@@ -125,7 +128,10 @@ def test_learning_toy_task_raises_reward(tmp_path):
     ("gpg", "objective/logprob_mean"),
 ])
 def test_each_objective_trains_three_steps_with_mu2(tmp_path, objective, metric):
-    cfg = tiny_config(tmp_path, f"objective.name={objective}", "max_steps=3", "train.num_iterations=2")
+    """Two mini-batches per pass: step 3 is the first of the second (off-policy) pass. Small rollouts (2 prompts x
+    4 completions of up to 8 tokens): the point is that every objective trains, not what it learns."""
+    cfg = tiny_config(tmp_path, f"objective.name={objective}", "max_steps=3", "train.num_iterations=2",
+                      "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8")
     history = Trainer(cfg).train()
     assert len(history) == 3
     assert metric in history[-1] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)

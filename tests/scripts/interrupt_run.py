@@ -1,8 +1,9 @@
 """A run of the tiny recipe killed (SIGKILL) in the middle of a checkpoint save, for the kill test.
 
-Usage: python interrupt_run.py OUT_DIR
-Trains 8 steps with save_steps 4 and SIGKILLs itself once the model of the
-second checkpoint is written and the rest of that checkpoint is not.
+Usage: python interrupt_run.py OUT_DIR [OVERRIDE ...]
+Trains the smoke recipe with the dotted OVERRIDEs (the test's: a checkpoint
+before the last step and one at it) and SIGKILLs itself once the model of the
+last step's checkpoint is written and the rest of that checkpoint is not.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from rlclip.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    config = tiny_config(Path(sys.argv[1]), *sys.argv[2:])
     save_model = Trainer.save_model
 
     def saving(self, directory, model=None):
         save_model(self, directory, model)
-        if self.step == 8 and directory.name.startswith(".partial-"):
+        if self.step == config.max_steps and directory.name.startswith(".partial-"):
             os.kill(os.getpid(), signal.SIGKILL)
 
     Trainer.save_model = saving
-    Trainer(tiny_config(out, "max_steps=8", "save_steps=4")).train()
+    Trainer(config).train()
 
 
 if __name__ == "__main__":
