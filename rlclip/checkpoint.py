@@ -254,12 +254,19 @@ class Checkpointer:
         output_dir: the run directory.
         keep_last: keep the newest N checkpoints (None: all).
         save_model: writes the model (``save_pretrained``) into a directory; called on every process.
+        state: writes and reads the ``state`` directory (``save(dir)`` / ``load(dir)``, on every process):
+            ``rlclip.parallel.Layout.state_io``; default accelerate's ``save_state`` / ``load_state``.
     """
 
     def __init__(self, accelerator: Any, output_dir: Path, keep_last: int | None,
-                 save_model: Callable[[Path], None]) -> None:
+                 save_model: Callable[[Path], None], state: Any = None) -> None:
         self.accelerator, self.output_dir, self.keep_last = accelerator, output_dir, keep_last
         self.save_model = save_model
+        if state is None:
+            from rlclip.parallel import AccelerateState
+
+            state = AccelerateState(accelerator)
+        self.state = state
 
     def save(self, step: int, state: dict[str, Any], extras: dict[str, Any],
              per_process: dict[str, Any] | None = None) -> Path:
@@ -274,7 +281,7 @@ class Checkpointer:
             from rlclip.modeling import quiet_saving
 
             with quiet_saving():
-                acc.save_state(str(staging / "state"))
+                self.state.save(str(staging / "state"))
             for key, value in (per_process or {}).items():
                 torch.save(value, staging / f"{key}_{acc.process_index}.pt")
             if acc.is_main_process:
@@ -297,7 +304,7 @@ class Checkpointer:
         for i, path in enumerate(candidates):
             try:
                 state = read_trainer_state(path)
-                self.accelerator.load_state(str(path / "state"))
+                self.state.load(str(path / "state"))
                 read = self._reader(path)
                 for key in state.get("extras", []):
                     read(key)  # fail here, not later, on a damaged file

@@ -1,4 +1,4 @@
-"""The data-parallel layout the trainer runs under: DDP (accelerate's default) or DeepSpeed ZeRO-2/3.
+"""The data-parallel layout the trainer runs under: DDP (accelerate's default), DeepSpeed ZeRO-2/3 or FSDP2.
 
 The trainer builds its ``Accelerator`` here and routes every micro-batch's
 backward and every optimizer step through a :class:`Layout`, so its loop
@@ -17,6 +17,15 @@ does not branch on DeepSpeed:
   ``train.max_grad_norm`` and, in fp32 as in bf16, skips a step whose
   gradient norm is not finite (``engine.was_step_applied()``), which rlclip's
   non-finite guard then counts.
+- **FSDP2** (``recipes/accelerate/fsdp.yaml``, ``fsdp_version: 2``). rlclip
+  shards the model itself (``rlclip.fsdp``: accelerate does not enable FSDP
+  on CPU, where it would wrap the model in DDP instead) before the optimizer
+  is built, and keeps model and optimizer out of ``accelerator.prepare``.
+  Gradients are reduce-scattered (averaged over processes) at every
+  micro-batch, so ``no_sync`` does nothing; rlclip clips the sharded
+  gradients (``grad_clip`` reduces DTensor norms) and steps as under DDP.
+  The final model is gathered for ``save_pretrained``; checkpoints hold the
+  model and optimizer shards (DCP) beside accelerate's state.
 
 On a machine without GPUs DeepSpeed runs on its CPU accelerator over gloo.
 accelerate's ``cpu=True`` would silently turn DeepSpeed off, and with
@@ -35,6 +44,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+from rlclip import fsdp
 from rlclip.errors import ConfigError
 
 
@@ -46,6 +56,7 @@ def deepspeed_requested() -> bool:
 def build_accelerator(log_with: str | None, project_dir: str) -> Accelerator:
     """The run's ``Accelerator``: CPU (gloo) or GPU, DeepSpeed when the launch config asks for it."""
     has_gpu = torch.cuda.is_available()
+    fsdp.settings_from_env()  # FSDP1 is refused before any process group starts
     if deepspeed_requested():
         if importlib_missing("deepspeed"):
             raise ConfigError("the accelerate config asks for DeepSpeed but it is not installed; "
@@ -69,6 +80,7 @@ class Layout:
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         plugin = accelerator.state.deepspeed_plugin if self.deepspeed else None
         self.zero_stage = int(plugin.zero_stage) if plugin is not None else 0
+        self.fsdp = None if self.deepspeed else fsdp.settings_from_env(getattr(accelerator, "mixed_precision", "no"))
 
     def configure(self, config: Any) -> None:
         """Check the recipe against the layout and fill DeepSpeed's config before ``prepare``.
@@ -79,6 +91,10 @@ class Layout:
         per step boundary (``gradient_accumulation_steps: 1``) and is told
         where the boundary is (``set_gradient_accumulation_boundary``).
         """
+        if self.fsdp is not None and config.advantage.name == "gae":
+            raise ConfigError("PPO mode (advantage.name: gae) trains a critic as a second model, which the trainer "
+                              "does not yet shard for FSDP; use a group advantage (grpo, dr_grpo, rloo) or "
+                              "launch with DDP")
         if not self.deepspeed:
             return
         train = config.train
@@ -101,8 +117,23 @@ class Layout:
 
     @property
     def fused_optimizer(self) -> bool:
-        """torch's fused AdamW is kept for plain parameters; ZeRO hands the optimizer flat partitions."""
-        return not self.deepspeed
+        """torch's fused AdamW is kept for plain parameters; ZeRO hands the optimizer flat partitions, FSDP
+        DTensor shards."""
+        return not self.deepspeed and self.fsdp is None
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP: shard the policy (after LoRA, before its optimizer is built); other layouts: unchanged."""
+        return fsdp.shard(model, self.fsdp) if self.fsdp is not None else model
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """``accelerator.prepare`` of policy and optimizer (DDP wrapping, DeepSpeed engine). Under FSDP both
+        stay as they are: prepare would DDP-wrap the sharded model on CPU and save only process 0's shards.
+        The optimizer then reshards the root before it steps, so it never updates a gathered copy."""
+        if self.fsdp is None:
+            return self.accelerator.prepare(model, optimizer)
+        optimizer.register_step_pre_hook(lambda *_: model.reshard())
+        return model, optimizer
+
 
     def no_sync(self, models: tuple[torch.nn.Module | None, ...], last: bool) -> ExitStack:
         """DDP: skip the gradient all-reduce on all but the last micro-batch. DeepSpeed: its boundary flag."""
@@ -112,6 +143,8 @@ class Layout:
                 continue
             if self.deepspeed:
                 model.set_gradient_accumulation_boundary(last)
+            elif self.fsdp is not None:
+                continue  # reduce-scatter at every micro-batch: the gradients stay sharded
             elif not last:
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
@@ -145,9 +178,39 @@ class Layout:
 
     def reference(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference model for this layout: under ZeRO-3 an inference engine sharded like the
-        policy (it was built partitioned); otherwise the module on this process's device."""
+        policy (it was built partitioned), under FSDP sharded like the policy (forward only); otherwise the
+        module on this process's device."""
+        if self.fsdp is not None:
+            return fsdp.shard(model, self.fsdp)
         if self.zero_stage == 3:
             from trl.models.utils import prepare_deepspeed
 
             return prepare_deepspeed(model, self.accelerator)
         return model.to(self.accelerator.device)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state dict for ``save_pretrained`` (collective: call on every process)."""
+        if self.fsdp is not None:
+            return fsdp.full_state_dict(model)
+        return self.accelerator.get_state_dict(model)
+
+    def state_io(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+        """What writes and reads a checkpoint's ``state`` directory: accelerate (``save_state`` /
+        ``load_state``), plus DCP shards of model and optimizer under FSDP."""
+        if self.fsdp is not None:
+            return fsdp.ShardedState(self.accelerator, model, optimizer)
+        return AccelerateState(self.accelerator)
+
+
+class AccelerateState:
+    """A checkpoint's state through accelerate alone: prepared models and optimizers, registered objects
+    (the scheduler), RNG states."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+
+    def save(self, directory: str) -> None:
+        self.accelerator.save_state(directory)
+
+    def load(self, directory: str) -> None:
+        self.accelerator.load_state(directory)

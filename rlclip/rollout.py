@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
+from rlclip.fsdp import synced_generation
 from rlclip.types import RolloutBatch
 
 # transformers 5 deprecates a name that TRL's unwrap_model_for_generation still reads before every
@@ -90,6 +91,7 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         do_sample=not greedy, temperature=None if greedy else settings.temperature,
         top_p=None if greedy else settings.top_p, top_k=None if greedy else settings.top_k,
         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        synced_gpus=synced_generation(model),  # FSDP: all processes step until every one has finished
     )
     completion_ids = sequences[:, prompt_ids.shape[1]:]  # [B, T]
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stop_ids)

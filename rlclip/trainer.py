@@ -95,7 +95,7 @@ class Trainer:
         config = self.config
         set_seed(config.seed)
         self.objective = build_objective_from_config(config)
-        self.layout = Layout(self.accelerator)  # DDP or DeepSpeed: who reduces, clips and steps
+        self.layout = Layout(self.accelerator)  # DDP, DeepSpeed or FSDP: who reduces, clips and steps
         self.layout.configure(config)
         self.generator = build_generator(config, self.accelerator)  # hf, or vLLM (a missing vllm fails here)
         self.clipper = build_clipper_from_config(config)
@@ -114,7 +114,7 @@ class Trainer:
         self._base_path = model.name_or_path
         self.max_prompt_length, self.records = limit_prompts(self.records, self.tokenizer, model.config,
                                                              config.rollout, self._say)
-        model = self._prepare_model(model)
+        model = self.layout.shard(self._prepare_model(model))  # FSDP shards before the optimizer holds the weights
         self.ref_model = self._reference_model()
         self.optimizer = self._optimizer(model)
         self.scheduler = get_scheduler(config.train.lr_scheduler, self.optimizer,
@@ -122,7 +122,7 @@ class Trainer:
                                        num_training_steps=config.max_steps)
         # The scheduler is stepped by hand once per optimizer step (accelerate's
         # wrapper would step it once per process) and only registered for checkpoints.
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = self._critic()
         self.critic_clipper = build_clipper("norm", max_norm=config.critic.max_grad_norm)
@@ -132,7 +132,8 @@ class Trainer:
         self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
         self.stopped_by: str | None = None  # the signal that stopped train() early
         self.run_log = RunLog(self.accelerator, self.output_dir)
-        self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model)
+        self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model,
+                                         self.layout.state_io(self.model, self.optimizer))
 
     def _say(self, message: str) -> None:
         """A one-line notice on the main process (stderr, so it never mixes with results on stdout)."""
@@ -576,7 +577,7 @@ class Trainer:
         acc = self.accelerator
         model = model if model is not None else self.model
         acc.wait_for_everyone()
-        state_dict = acc.get_state_dict(model)
+        state_dict = self.layout.state_dict(model)  # gathered: collective under ZeRO-3 and FSDP
         with quiet_saving():
             acc.unwrap_model(model).save_pretrained(directory, is_main_process=acc.is_main_process,
                                                     state_dict=state_dict, safe_serialization=True,

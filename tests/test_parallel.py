@@ -57,3 +57,55 @@ def test_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch):
     monkeypatch.setattr("rlclip.parallel.importlib_missing", lambda name: True)
     with pytest.raises(ConfigError, match="pip install deepspeed"):
         build_accelerator(None, "unused")
+
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+            "FSDP_OFFLOAD_PARAMS": "true", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer, MyBlock"}
+
+
+def cpu_accelerator(mixed_precision: str = "no") -> SimpleNamespace:
+    """What accelerate builds on CPU for an FSDP launch: MULTI_CPU (FSDP stays off there)."""
+    return SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision=mixed_precision,
+                           state=SimpleNamespace(deepspeed_plugin=None))
+
+
+def test_fsdp_launch_is_detected_from_the_launch_environment(monkeypatch):
+    """accelerate launch passes fsdp_config as FSDP_* variables; the layout reads them, not accelerate's state."""
+    from rlclip.fsdp import FsdpSettings
+
+    for key, value in FSDP_ENV.items():
+        monkeypatch.setenv(key, value)
+    layout = Layout(cpu_accelerator("bf16"))
+    assert layout.fsdp == FsdpSettings(reshard_after_forward=False, offload_params=True,
+                                       layer_classes=("LlamaDecoderLayer", "MyBlock"), bf16=True)
+    assert not layout.deepspeed and not layout.fused_optimizer  # DTensor shards: no fused AdamW
+    model = SimpleNamespace()  # no_sync enters nothing: FSDP reduce-scatters every micro-batch
+    with layout.no_sync((model, None), last=False) as stack:
+        assert not stack._exit_callbacks
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    assert Layout(cpu_accelerator()).fsdp == FsdpSettings(offload_params=True)  # defaults: the model's layers
+
+
+def test_no_fsdp_environment_is_not_fsdp(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    layout = Layout(cpu_accelerator())
+    assert layout.fsdp is None and layout.fused_optimizer
+
+
+def test_fsdp_version_1_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="set fsdp_version: 2") as info:
+        build_accelerator(None, "unused")
+    assert "\n" not in str(info.value)
+
+
+def test_fsdp_refuses_the_ppo_critic_in_one_line(monkeypatch, tmp_path):
+    for key, value in FSDP_ENV.items():
+        monkeypatch.setenv(key, value)
+    layout = Layout(cpu_accelerator())
+    layout.configure(tiny_config(tmp_path, "train.grad_clip={name: zclip}"))  # rlclip clips sharded gradients
+    with pytest.raises(ConfigError, match="PPO mode") as info:
+        layout.configure(tiny_config(tmp_path, "advantage.name=gae"))
+    assert "\n" not in str(info.value) and "FSDP" in str(info.value)

@@ -71,10 +71,15 @@ def step_once(micro: int, case: str) -> dict:
 
 
 def current_params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """This process's view of every policy parameter, whole (gathered first under DeepSpeed ZeRO-3)."""
+    """This process's view of every policy parameter, whole (gathered first under DeepSpeed ZeRO-3 and FSDP:
+    collective there, so every process calls it)."""
     from contextlib import nullcontext
 
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.layout.fsdp is not None:
+        from rlclip.fsdp import full_parameters
+
+        return full_parameters(model)
     gather = nullcontext()
     if trainer.layout.zero_stage == 3:
         import deepspeed

@@ -1,0 +1,79 @@
+"""The trainer under FSDP2 (rlclip's own ``fully_shard``) on two CPU processes (gloo), for tests/test_fsdp.py.
+
+Usage: accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no
+       fsdp_run.py OUT_DIR
+Writes into OUT_DIR (rank 0):
+  step_<case>.pt   parameters (gathered to full tensors) and metrics after one step of ``one_step.CASES[case]``
+                   (2 processes x micro-batch 2, the same global batch as the 1-process reference)
+  train.json       the layout, world size, the steps of a 3-step run and of a 2-step run resumed to 3, the
+                   completion lengths of a generation that ends at a different length on each process
+  straight.pt / resumed.pt   the parameters after those two runs (a resume must land on the same weights)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from one_step import current_params, step_once  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from rlclip.fsdp import is_sharded  # noqa: E402
+from rlclip.trainer import Trainer  # noqa: E402
+
+CASES = ("default", "archer_response")  # archer: a frozen reference model, sharded too
+
+
+def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
+    # one optimizer step per rollout, so a run stopped at step 2 and resumed starts step 3 where the
+    # straight run does: with a fresh rollout; AdamW, so the optimizer state must come back too
+    trainer = Trainer(tiny_config(directory, "train.learning_rate=1e-2", "rollout.prompts_per_step=2",
+                                  "train.micro_batch_size=4", "train.num_iterations=1", "train.mini_batches=1",
+                                  *overrides))
+    history = trainer.train()
+    return [h["step"] for h in history], current_params(trainer), trainer
+
+
+def uneven_generation(trainer: Trainer) -> list[int]:
+    """Each process's completion length when process r stops after 2 + 4r tokens: without ``synced_gpus``
+    the process that ends first stops all-gathering and the other hangs."""
+    from accelerate.utils import gather_object
+
+    from rlclip.rollout import SamplingSettings
+
+    acc = trainer.accelerator
+    settings = SamplingSettings(group_size=2, max_new_tokens=2 + 4 * acc.process_index)
+    rollout = trainer.generator.generate(trainer.model, trainer.tokenizer, trainer.records[:1], settings)
+    return gather_object([rollout.completion_ids.shape[1]])
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    results = {case: step_once(2, case) for case in CASES}
+    shared = out / "runs"  # one path on both ranks, and its own for each launch
+    straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
+                                              "overwrite_output_dir=true")
+    first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
+    resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
+    lengths = uneven_generation(trainer)
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        for case, result in results.items():
+            torch.save(result, out / f"step_{case}.pt")
+        torch.save(straight, out / "straight.pt")
+        torch.save(resumed, out / "resumed.pt")
+        (out / "train.json").write_text(json.dumps({
+            "fsdp": trainer.layout.fsdp is not None, "sharded": is_sharded(trainer.model),
+            "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
+            "generated_lengths": lengths, "straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
+            "model": str(shared / "straight" / "model.safetensors"),
+            "checkpoint_shards": sorted(p.name for p in (shared / "resumed" / "checkpoint-2" / "state" / "fsdp").iterdir())}))
+
+
+if __name__ == "__main__":
+    main()
