@@ -68,6 +68,9 @@ def settings_from_env(mixed_precision: str = "no") -> FsdpSettings | None:
     if version != "2":
         raise ConfigError(f"the accelerate config asks for FSDP version {version}, which rlclip does not run; "
                           "set fsdp_version: 2 in its fsdp_config (recipes/accelerate/fsdp.yaml)")
+    if _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ConfigError("fsdp_activation_checkpointing is not applied by rlclip's FSDP sharding; set it to false "
+                          "in the accelerate config and use model.gradient_checkpointing: true in the recipe")
     names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
     return FsdpSettings(reshard_after_forward=reshard not in ("false", "no_reshard", "shard_grad_op"),
@@ -76,11 +79,18 @@ def settings_from_env(mixed_precision: str = "no") -> FsdpSettings | None:
                         bf16=str(mixed_precision) == "bf16")
 
 
-def _layer_classes(model: nn.Module, settings: FsdpSettings) -> set[str]:
-    """The units' class names: the config's, else the (PEFT-wrapped) model's ``_no_split_modules``."""
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself without one)."""
+    from rlclip.policy import unwrap
+
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _layer_classes(base: nn.Module, settings: FsdpSettings) -> set[str]:
+    """The units' class names: the config's, else the model's ``_no_split_modules``."""
     if settings.layer_classes:
         return set(settings.layer_classes)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(getattr(base, "_no_split_modules", None) or [])
 
 
@@ -91,7 +101,9 @@ def shard(model: nn.Module, settings: FsdpSettings) -> nn.Module:
     shards and the optimizer has to hold those. The root is sharded with the
     default ``reshard_after_forward`` (FSDP keeps a root's parameters gathered
     after the forward, as backward needs them at once), the layers with the
-    config's.
+    config's. With LoRA the root is the transformers model inside the PEFT
+    wrapper: PEFT's ``generate`` calls that model's ``generate`` directly, so a
+    root hook on the wrapper would never gather the embeddings for sampling.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -99,21 +111,25 @@ def shard(model: nn.Module, settings: FsdpSettings) -> nn.Module:
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if settings.bf16 else MixedPrecisionPolicy(),
         offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
-    names = _layer_classes(model, settings)
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    root = _base(model)
+    names = _layer_classes(root, settings)
+    layers = [m for m in root.modules() if type(m).__name__ in names]
     for layer in layers:
         fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **policy)
-    fully_shard(model, **policy)
+    fully_shard(root, **policy)
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the root's gathered parameters (a no-op when they are sharded already)."""
+    _base(model).reshard()
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` (or the module it wraps) is an FSDP2 module."""
+    """Whether ``model`` (or the transformers model it wraps) is an FSDP2 module."""
     from torch.distributed.fsdp import FSDPModule
 
-    from rlclip.policy import unwrap
-
-    return isinstance(model, FSDPModule) or isinstance(unwrap(model), FSDPModule)
+    return isinstance(_base(model), FSDPModule)
 
 
 def synced_generation(model: nn.Module) -> bool:

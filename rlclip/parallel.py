@@ -131,7 +131,7 @@ class Layout:
         The optimizer then reshards the root before it steps, so it never updates a gathered copy."""
         if self.fsdp is None:
             return self.accelerator.prepare(model, optimizer)
-        optimizer.register_step_pre_hook(lambda *_: model.reshard())
+        optimizer.register_step_pre_hook(lambda *_: fsdp.reshard(model))
         return model, optimizer
 
 

@@ -93,11 +93,16 @@ def test_no_fsdp_environment_is_not_fsdp(monkeypatch):
     assert layout.fsdp is None and layout.fused_optimizer
 
 
-def test_fsdp_version_1_is_refused_in_one_line(monkeypatch):
+@pytest.mark.parametrize("env, words", [
+    ({"FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+    ({"FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}, "model.gradient_checkpointing: true"),
+])
+def test_fsdp_settings_rlclip_does_not_run_are_refused_in_one_line(monkeypatch, env, words):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "1")
-    with pytest.raises(ConfigError, match="set fsdp_version: 2") as info:
-        build_accelerator(None, "unused")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=words) as info:
+        build_accelerator(None, "unused")  # before any process group starts
     assert "\n" not in str(info.value)
 
 

@@ -26,7 +26,8 @@ from conftest import tiny_config  # noqa: E402
 from rlclip.fsdp import is_sharded  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
 
-CASES = ("default", "archer_response")  # archer: a frozen reference model, sharded too
+CASES = ("default", "archer_response", "lora_archer")  # archer: a frozen reference model, sharded too;
+# lora_archer: the PEFT wrapper around the sharded model, the adapter switched off for the reference
 
 
 def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
@@ -53,6 +54,9 @@ def uneven_generation(trainer: Trainer) -> list[int]:
 
 
 def main() -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where it waits instead of a bare timeout
     out = Path(sys.argv[1])
     results = {case: step_once(2, case) for case in CASES}
     shared = out / "runs"  # one path on both ranks, and its own for each launch

@@ -36,6 +36,10 @@ CASES = {
     "entropy_bonus": ["entropy.coef=0.3", "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true"],
 }
 
+# compared only under sharding (tests/test_fsdp.py), not in the DDP sweep over CASES: LoRA (the PEFT
+# wrapper around the sharded model; its reference is the model with the adapter off)
+EXTRA_CASES = {"lora_archer": [*CASES["archer_response"], "lora.enabled=true"]}
+
 
 def fixed_rollout(vocab: int) -> RolloutBatch:
     g = torch.Generator().manual_seed(123)
@@ -55,7 +59,7 @@ def step_once(micro: int, case: str) -> dict:
     """One plain-SGD step (no clipping, so any loss-normalisation error shows in the update) of ``case``;
     returns this process's parameters after the step and the step's metrics."""
     cfg = tiny_config(Path(tempfile.mkdtemp()), f"train.micro_batch_size={micro}", "train.optimizer=sgd",
-                      "train.learning_rate=0.5", "train.max_grad_norm=0", *CASES[case])
+                      "train.learning_rate=0.5", "train.max_grad_norm=0", *{**CASES, **EXTRA_CASES}[case])
     trainer = Trainer(cfg)
     acc = trainer.accelerator
     rollout = fixed_rollout(trainer.tokenizer.vocab_size)
