@@ -1,4 +1,4 @@
-"""Sampling G completions per prompt with HF ``generate``."""
+"""Sampling G completions per prompt (rlclip/decoding.py's loop on the transformers model)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
+from rlclip.decoding import decode
 from rlclip.fsdp import synced_generation
 from rlclip.types import RolloutBatch
 
@@ -81,19 +82,15 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         overflow = int((attention_mask.sum(-1) > settings.max_prompt_length).sum())
         input_ids = input_ids[:, -settings.max_prompt_length:]
         attention_mask = attention_mask[:, -settings.max_prompt_length:]
-    prompt_ids = input_ids.repeat_interleave(group, dim=0).to(device)  # [B, P]
-    prompt_mask = attention_mask.repeat_interleave(group, dim=0).to(device)  # [B, P]
     stop_ids = eos_ids(model, tokenizer)
-    greedy = settings.temperature == 0
-    sequences = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.min_new_tokens or None,
-        do_sample=not greedy, temperature=None if greedy else settings.temperature,
-        top_p=None if greedy else settings.top_p, top_k=None if greedy else settings.top_k,
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        synced_gpus=synced_generation(model),  # FSDP: all processes step until every one has finished
-    )
-    completion_ids = sequences[:, prompt_ids.shape[1]:]  # [B, T]
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [n, P]
+    # one prefill per prompt, its cache repeated for the group (rlclip/decoding.py)
+    completion_ids = decode(model, input_ids, attention_mask, group, settings.max_new_tokens, stop_ids,
+                            tokenizer.pad_token_id, temperature=settings.temperature, top_p=settings.top_p,
+                            top_k=settings.top_k, min_new_tokens=settings.min_new_tokens,
+                            synced=synced_generation(model))  # [B, T]; FSDP: every process steps until all end
+    prompt_ids = input_ids.repeat_interleave(group, dim=0)  # [B, P]
+    prompt_mask = attention_mask.repeat_interleave(group, dim=0)  # [B, P]
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)

@@ -131,12 +131,15 @@ def first_char_is_alnum(prompts, completions, **kwargs):
     return [float(c[0]["content"][:1].isalnum()) for c in completions]
 
 
-def test_value_loss_falls_and_explained_variance_rises(tmp_path):
-    """The critic alone trains: critic.warmup_steps = max_steps keeps the policy, and so the value target, fixed
-    (before, a policy learning rate of 1e-6 did: the same curves, plus a policy update each step). One micro-batch
-    per step. Measured: the explained variance of the last 10 steps is about 0.26 after 50 steps (0.11 after 40),
-    of the first 10 about 0."""
-    cfg = tiny_config(tmp_path, "advantage.name=gae", "advantage.lam=1.0", "max_steps=50", "critic.warmup_steps=50",
+def test_value_loss_falls_and_explained_variance_is_defined(tmp_path):
+    """The critic alone trains: critic.warmup_steps = max_steps keeps the policy, and so the value target, fixed.
+    One micro-batch per step. The value loss falls from the random value head's to about the variance of the
+    returns (measured over seeds 0-2: 0.27-0.9 over the first 10 steps, 0.11-0.15 over the last 10 of 50).
+
+    The explained variance is only asked to be defined and not to get worse: over seeds 0-2 it stayed within
+    0.05 of 0 over 50-80 steps with both rlclip's sampler and transformers' ``generate``, except one seed of
+    ``generate`` (0.26 over steps 40-50), which this test used to rely on."""
+    cfg = tiny_config(tmp_path, "advantage.name=gae", "advantage.lam=1.0", "max_steps=30", "critic.warmup_steps=30",
                       "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=4",
                       "train.num_iterations=1", "train.mini_batches=1", "train.micro_batch_size=32",
                       "critic.learning_rate=1e-2", "critic.value_clip=null")
@@ -147,7 +150,8 @@ def test_value_loss_falls_and_explained_variance_rises(tmp_path):
 
     first, last = history[:10], history[-10:]
     assert mean("critic/value_loss", last) < 0.85 * mean("critic/value_loss", first)
-    assert mean("critic/explained_variance", last) > max(0.1, mean("critic/explained_variance", first) + 0.1)
+    assert all(math.isfinite(h["critic/explained_variance"]) for h in history)
+    assert mean("critic/explained_variance", last) > mean("critic/explained_variance", first) - 0.05
 
 
 def test_lora_critic_trains_adapters_and_value_head(tmp_path):

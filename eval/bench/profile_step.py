@@ -71,17 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     for attr, name in PHASES.items():
         setattr(trainer, attr, wrap(getattr(trainer, attr), name))
     trainer.accelerator.backward = wrap(trainer.accelerator.backward, "backward")
-    log = trainer.log
+    write = trainer.run_log.write
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
 
-    def logged(metrics):
-        log(metrics)
+    def logged(metrics, step):
+        write(metrics, step)
         if trainer.step == args.steps - 1:
             prof.start()
         elif trainer.step == args.steps:
             prof.stop()
 
-    trainer.log = logged
+    trainer.run_log.write = logged
     if args.steps == 1:
         prof.start()
     trainer.train()

@@ -164,13 +164,13 @@ def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, mete
 
     overrides = rlclip_overrides(out, total_steps, checkpointing, lora)
     trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
-    log, save = trainer.log, trainer.save_model
+    write, save = trainer.run_log.write, trainer.save_model
 
-    def logged(metrics):
-        log(metrics)
+    def logged(metrics, step):  # one metrics line per optimizer step: the step's end
+        write(metrics, step)
         meter.tick()
 
-    trainer.log = logged
+    trainer.run_log.write = logged
     trainer.save_model = lambda *a, **k: meter.timed_save(save, *a, **k)
     meter.start()
     trainer.train()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 # DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce (a C++ build of minutes on
@@ -47,7 +46,7 @@ def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.
 def main() -> None:
     out = Path(sys.argv[1])
     results = {case: step_once(2, case) for case in CASES}
-    shared = Path(tempfile.gettempdir()) / f"rlclip-ds-{out.name}"  # one path on both ranks
+    shared = out / "runs"  # one path on both ranks, and its own for each launch
     straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
                                             "overwrite_output_dir=true")
     first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
