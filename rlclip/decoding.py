@@ -72,7 +72,8 @@ def _warpers(temperature: float, top_k: int, top_p: float) -> list:
 
 def _cache_argument(model: nn.Module) -> str:
     """The forward's keyword for the KV cache: ``cache`` in transformers >= 5.x, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _all_done(done_here: bool, synced: bool, device: torch.device) -> bool:

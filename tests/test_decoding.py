@@ -116,3 +116,19 @@ def test_top_k_top_p_samples_stay_in_transformers_support(tiny, top_k, top_p):
                    top_p=top_p)[:, 0].view(ids.shape[0], 64)  # [n, G]
     assert allowed.gather(1, first).all()
     assert (first != first[:, :1]).any()  # more than one token drawn somewhere
+
+
+def test_the_cache_keyword_is_read_through_a_peft_wrapper(tiny):
+    """PEFT's forward takes ``**kwargs``: the keyword comes from the model inside (transformers 5 names it
+    ``cache``; ``past_key_values`` still works there but warns at every decoding step)."""
+    import inspect
+
+    from peft import LoraConfig, get_peft_model
+
+    from rlclip.decoding import _cache_argument
+
+    model, _ = tiny
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    wrapped = get_peft_model(AutoModelForCausalLM.from_config(model.config),
+                             LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert _cache_argument(model) == expected and _cache_argument(wrapped) == expected
