@@ -133,12 +133,16 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def synced_generation(model: nn.Module) -> bool:
-    """``generate(synced_gpus=True)`` is needed: every decoding step all-gathers the sharded layers, so a
-    process whose completions end early must keep stepping until all have ended (else the others hang).
-    transformers only detects its own FSDP wrapping, not a bare ``fully_shard``."""
+    """Whether decoding must step in sync over processes (rlclip/decoding.py's ``synced``, ``generate``'s
+    ``synced_gpus``): every decoding step all-gathers the sharded layers, so a process whose completions end
+    early must keep stepping until all have ended (else the others hang). transformers only detects its own
+    FSDP wrapping, not a bare ``fully_shard``; DeepSpeed ZeRO-3 counts too (its forward gathers, unless the
+    generation already holds the full parameters)."""
     import torch.distributed as dist
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_sharded(model)
+    many = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return many and (is_sharded(model) or is_deepspeed_zero3_enabled())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

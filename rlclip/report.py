@@ -57,10 +57,14 @@ def find_runs(arguments: list[str]) -> list[Path]:
     for argument in arguments:
         matches = sorted(glob.glob(argument)) or [argument]
         runs = [run for match in map(Path, matches) for run in _runs_at(match)]
-        if not runs:
+        # a file among the arguments (the shell's expansion of runs/demo/* includes report.md) is passed over
+        if not runs and not all(Path(m).is_file() for m in matches):
             raise ConfigError(f"{argument}: no metrics.jsonl there or in its subdirectories; pass a run's "
                               "output_dir (or a directory of runs, or a glob)")
         found.extend(runs)
+    if not found:
+        raise ConfigError(f"no run among {' '.join(arguments)}: pass a run's output_dir (a directory with "
+                          "metrics.jsonl), a directory of runs, or a glob")
     return list(dict.fromkeys(found))
 
 
@@ -129,12 +133,25 @@ def plot_panel(runs: list[Run], stem: str, title: str, keys: list[str], out: Pat
     ax.set_xlabel("optimizer step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, runs, present, styles)
     fig.tight_layout()
     path = out / f"{stem}.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # an outside legend is kept
     plt.close(fig)
     return path.name
+
+
+def _legend(ax: Any, runs: list[Run], keys: list[str], styles: list[str]) -> None:
+    """One entry per line while that stays readable; with several runs and several keys, one entry per run
+    (its colour) and one per key (its line style), outside the axes (8 runs x 4 keys would be 32 entries)."""
+    if len(keys) == 1 or len(runs) == 1:
+        ax.legend(fontsize=7)
+        return
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i % 10}", label=run.label) for i, run in enumerate(runs)]
+    handles += [Line2D([], [], color="black", linestyle=style, label=key) for key, style in zip(keys, styles)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _fmt(value: float | None) -> str:

@@ -56,3 +56,20 @@ def test_bad_run_directories_are_one_line_errors(tmp_path, capsys, setup, needle
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rlclip report: error: ") and needle in err and "\n" not in err
+
+
+def test_the_shells_expansion_of_a_compare_directory_passes_over_its_files(tmp_path, capsys):
+    """``rlclip report runs/demo/*`` as the shell expands it: run directories plus the sweep's own files
+    (report.md, compare.json, PNGs), which are passed over; files alone are an error."""
+    make_run(tmp_path / "demo/ratio_clip-seed0", "ratio_clip", [0.1, 0.3])
+    make_run(tmp_path / "demo/troll-seed0", "troll", [0.2, 0.4])
+    for name in ("report.md", "compare.json", "reward.png"):
+        (tmp_path / "demo" / name).write_text("x")
+    expanded = sorted(str(p) for p in (tmp_path / "demo").iterdir())
+    assert main(["report", *expanded, "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out/report.md").read_text()
+    assert "| ratio_clip | ratio_clip |" in text and "| troll | troll |" in text
+    capsys.readouterr()
+    files = [p for p in expanded if not p.endswith("seed0")]
+    assert main(["report", *files, "--out", str(tmp_path / "out2")]) == 2
+    assert "no run among" in capsys.readouterr().err
