@@ -25,32 +25,17 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from one_step import current_params, step_once  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
-from rlclip.trainer import Trainer  # noqa: E402
+from one_step import resume_runs, step_once  # noqa: E402
 
 CASES = ("default", "archer_response")  # archer: a frozen reference model beside the engine
-
-
-def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
-    # one optimizer step per rollout, so a run stopped at step 2 and resumed starts step 3 where the
-    # straight run does: with a fresh rollout
-    trainer = Trainer(tiny_config(directory, "train.learning_rate=1e-2", "rollout.prompts_per_step=2",
-                                  "train.micro_batch_size=4", "train.num_iterations=1", "train.mini_batches=1",
-                                  *overrides))
-    history = trainer.train()
-    return [h["step"] for h in history], current_params(trainer), trainer
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     results = {case: step_once(2, case) for case in CASES}
     shared = out / "runs"  # one path on both ranks, and its own for each launch
-    straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
-                                            "overwrite_output_dir=true")
-    first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
-    resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
+    runs = resume_runs(shared)
+    trainer, straight, resumed = runs["trainer"], runs["straight_params"], runs["resumed_params"]
     acc = trainer.accelerator
     if acc.is_main_process:
         for case, result in results.items():
@@ -59,7 +44,7 @@ def main() -> None:
         torch.save(resumed, out / "resumed.pt")
         (out / "train.json").write_text(json.dumps({
             "stage": trainer.layout.zero_stage, "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
-            "straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
+            "straight": runs["straight"], "first": runs["first"], "resumed": runs["resumed"],
             "saved": (shared / "straight" / "model.safetensors").exists()}))
 
 

@@ -20,24 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from one_step import current_params, step_once  # noqa: E402
+from one_step import resume_runs, step_once  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
 from rlclip.fsdp import is_sharded  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
 
 CASES = ("default", "archer_response", "lora_archer")  # archer: a frozen reference model, sharded too;
 # lora_archer: the PEFT wrapper around the sharded model, the adapter switched off for the reference
-
-
-def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
-    # one optimizer step per rollout, so a run stopped at step 2 and resumed starts step 3 where the
-    # straight run does: with a fresh rollout; AdamW, so the optimizer state must come back too
-    trainer = Trainer(tiny_config(directory, "train.learning_rate=1e-2", "rollout.prompts_per_step=2",
-                                  "train.micro_batch_size=4", "train.num_iterations=1", "train.mini_batches=1",
-                                  *overrides))
-    history = trainer.train()
-    return [h["step"] for h in history], current_params(trainer), trainer
 
 
 def uneven_generation(trainer: Trainer) -> list[int]:
@@ -60,10 +49,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     results = {case: step_once(2, case) for case in CASES}
     shared = out / "runs"  # one path on both ranks, and its own for each launch
-    straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
-                                              "overwrite_output_dir=true")
-    first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
-    resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
+    runs = resume_runs(shared)
+    trainer, straight, resumed = runs["trainer"], runs["straight_params"], runs["resumed_params"]
     lengths = uneven_generation(trainer)
     acc = trainer.accelerator
     if acc.is_main_process:
@@ -74,7 +61,7 @@ def main() -> None:
         (out / "train.json").write_text(json.dumps({
             "fsdp": trainer.layout.fsdp is not None, "sharded": is_sharded(trainer.model),
             "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
-            "generated_lengths": lengths, "straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
+            "generated_lengths": lengths, "straight": runs["straight"], "first": runs["first"], "resumed": runs["resumed"],
             "model": str(shared / "straight" / "model.safetensors"),
             "checkpoint_shards": sorted(p.name for p in (shared / "resumed" / "checkpoint-2" / "state" / "fsdp").iterdir())}))
 

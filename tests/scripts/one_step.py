@@ -102,3 +102,24 @@ def train_two_modes() -> dict:
         if mode == "ppo":
             runs["ppo_explained_variance"] = history[-1]["critic/explained_variance"]
     return runs
+
+
+def resume_runs(shared: Path) -> dict:
+    """A 3-step run, and a 2-step run (checkpoint at step 2) resumed to step 3, under ``shared`` (one path on
+    every process). One optimizer step per rollout, so the resumed step 3 starts where the straight run's
+    does: with a fresh rollout; AdamW, so the optimizer state must come back too. Returns each run's steps,
+    the parameters after the straight and the resumed run, and the straight run's trainer."""
+
+    def train(directory: Path, *overrides: str) -> tuple[list[int], dict[str, torch.Tensor], Trainer]:
+        trainer = Trainer(tiny_config(directory, "train.learning_rate=1e-2", "rollout.prompts_per_step=2",
+                                      "train.micro_batch_size=4", "train.num_iterations=1", "train.mini_batches=1",
+                                      *overrides))
+        history = trainer.train()
+        return [h["step"] for h in history], current_params(trainer), trainer
+
+    straight_steps, straight, trainer = train(shared / "straight", "max_steps=3", "save_steps=0",
+                                              "overwrite_output_dir=true")
+    first_steps, _, _ = train(shared / "resumed", "max_steps=2", "save_steps=2", "overwrite_output_dir=true")
+    resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
+    return {"straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
+            "straight_params": straight, "resumed_params": resumed, "trainer": trainer}
