@@ -40,6 +40,7 @@ from trl.models import unwrap_model_for_generation
 
 from rlclip.config import TrainConfig, check_backend_installed
 from rlclip.errors import ConfigError
+from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS
 from rlclip.rollout import (
     SamplingSettings,
     completion_mask_and_truncation,
@@ -91,7 +92,8 @@ class HFGenerator:
 
     def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
                  settings: SamplingSettings) -> RolloutBatch:
-        with unwrap_model_for_generation(model, self.accelerator) as policy:
+        with unwrap_model_for_generation(model, self.accelerator,
+                                         gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS) as policy:
             policy.eval()
             rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
         model.train()

