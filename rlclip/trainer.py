@@ -32,7 +32,7 @@ from rlclip.config import (
     build_objective_from_config,
 )
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
-from rlclip.critic import clipped_value_loss, completion_values, explained_variance, load_critic
+from rlclip.critic import clipped_value_loss, completion_values, explained_variance
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
@@ -41,7 +41,8 @@ from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.is_correction import importance_weights
-from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS, load_model, load_model_and_tokenizer, quiet_saving
+from rlclip.model_setup import build_optimizer, critic_and_optimizer, prepare_policy, reference_model
+from rlclip.modeling import load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
@@ -114,9 +115,10 @@ class Trainer:
         self._base_path = model.name_or_path
         self.max_prompt_length, self.records = limit_prompts(self.records, self.tokenizer, model.config,
                                                              config.rollout, self._say)
-        model = self.layout.shard(self._prepare_model(model))  # FSDP shards before the optimizer holds the weights
-        self.ref_model = self._reference_model()
-        self.optimizer = self._optimizer(model)
+        model = self.layout.shard(prepare_policy(model, config))  # FSDP shards before the optimizer holds the weights
+        self.ref_model = reference_model(config, self._base_path, self.layout) \
+            if self.needs_reference and not config.lora.enabled else None  # LoRA: the adapter off is the reference
+        self.optimizer = build_optimizer(model, config.train, self.layout.fused_optimizer)
         self.scheduler = get_scheduler(config.train.lr_scheduler, self.optimizer,
                                        num_warmup_steps=config.train.warmup_steps,
                                        num_training_steps=config.max_steps)
@@ -124,7 +126,7 @@ class Trainer:
         # wrapper would step it once per process) and only registered for checkpoints.
         self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
-        self.critic, self.critic_optimizer = self._critic()
+        self.critic, self.critic_optimizer = critic_and_optimizer(config, self._base_path, self.accelerator)
         self.critic_clipper = build_clipper("norm", max_norm=config.critic.max_grad_norm)
         set_seed(config.seed, device_specific=True)  # different samples on each process
         self.step = 0
@@ -152,64 +154,9 @@ class Trainer:
             raise ConfigError("reward_funcs must be a non-empty list of callables with one weight each")
         return funcs, weights
 
-    def _prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        cfg = self.config
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
-            model.config.use_cache = False
-        if cfg.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            targets: str | list[str] = list(cfg.lora.target_modules)
-            layers = None
-            if cfg.lora.last_layers:
-                total = model.config.num_hidden_layers
-                layers = list(range(max(0, total - cfg.lora.last_layers), total))
-                if targets == ["all-linear"]:  # peft needs explicit names with layers_to_transform
-                    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                                      if isinstance(module, torch.nn.Linear) and ".layers." in name})
-            elif targets == ["all-linear"]:
-                targets = "all-linear"
-            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        return model
-
-    def _reference_model(self) -> torch.nn.Module | None:
-        """A frozen copy of the initial policy, only when KL needs it and LoRA cannot provide it."""
-        if not self.needs_reference or self.config.lora.enabled:
-            return None
-        cfg = self.config.model
-        ref = load_model(self._base_path, cfg.dtype, cfg.gguf_file, cfg.trust_remote_code, cfg.attn_implementation)
-        ref.requires_grad_(False).eval()
-        return self.layout.reference(ref)
-
-    def _critic(self) -> tuple[torch.nn.Module | None, torch.optim.Optimizer | None]:
-        """PPO mode: the value model and its own optimizer (None otherwise)."""
-        if self.config.advantage.name != "gae":
-            return None, None
-        cfg = self.config.critic
-        critic = load_critic(cfg.name_or_path or self._base_path, self.config.model.dtype,
-                             self.config.model.trust_remote_code, cfg.lora_r)
-        params = [p for p in critic.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        return self.accelerator.prepare(critic, optimizer)
-
     @property
     def needs_reference(self) -> bool:
         return "ref" in self.objective.needs or self.config.advantage.kl_in_reward > 0
-
-    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        cfg = self.config.train
-        params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.learning_rate)
-        # One fused kernel per step instead of a loop of small ops per tensor (about 4 optimizer passes over
-        # the model fewer); plain tensors on CPU or CUDA only (DTensor shards keep the default).
-        fused = self.layout.fused_optimizer and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                    for p in params)
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                 betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, Any]]:
