@@ -124,10 +124,9 @@ def decode(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size
     position = positions[:, -1:].repeat_interleave(group_size, 0)  # [B, 1]
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)  # [B]: no EOS yet
     tokens: list[Tensor] = []
-    chosen = unfinished.new_full(unfinished.shape, pad_token_id, dtype=torch.long)  # [B]
     while True:
         t = len(tokens)
-        if t < max_new_tokens and (unfinished.any() or not tokens):
+        if t < max_new_tokens and unfinished.any():
             chosen = _next_tokens(logits, t < min_new_tokens, eos, greedy, warpers)
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))  # [B]
             tokens.append(chosen)

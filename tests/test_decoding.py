@@ -66,8 +66,9 @@ def test_stops_once_every_row_has_ended_and_pads_after_eos(tiny):
     assert held.shape == (6, 4) and (held[:, 3] == tok.eos_token_id).all() and (held[:, :3] != tok.eos_token_id).all()
 
 
-def test_sampled_rows_of_a_group_share_the_prefill_and_differ(tiny):
-    """Sampling through the rollout API: rows are prompt-major, each group's prompt is its own."""
+def test_sampled_rows_are_prompt_major_and_a_groups_samples_differ(tiny):
+    """Sampling through the rollout API: rows are prompt-major (each group's prompt is its own), and the G
+    samples of one prompt are drawn independently, not copies of one."""
     model, tok = tiny
     torch.manual_seed(0)
     batch = sample_completions(model, tok, [{"prompt": "1+1="}, {"prompt": "2+2="}],

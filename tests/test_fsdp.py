@@ -45,22 +45,9 @@ def launch(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One launch per pytest session, whichever workers run these tests.
-
-    The xdist_group mark should keep them on one worker, but with pytest 9.2 and pytest-xdist 3.8 loadgroup
-    does not group (xdist sets ``item._nodeid``, which pytest no longer reads), so the workers share the
-    session's directory (the parent of each worker's basetemp) and a lock: the first launches, the others
-    wait for it and read its results."""
-    import fcntl
-
-    base = tmp_path_factory.getbasetemp()
-    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    out = session / "fsdp"
-    with open(session / "fsdp.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "train.json").is_file():
-            out.mkdir(exist_ok=True)
-            launch(out)
+    """One launch, shared by every test here (the xdist_group mark keeps them on one worker)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    launch(out)
     return str(out), json.loads((out / "train.json").read_text())
 
 

@@ -11,7 +11,6 @@ Writes into OUT_DIR (rank 0):
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import deepspeed.ops  # noqa: E402
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from one_step import resume_runs, step_once  # noqa: E402
+from one_step import resume_runs, step_once, write_launch_results  # noqa: E402
 
 CASES = ("default", "archer_response")  # archer: a frozen reference model beside the engine
 
@@ -35,17 +33,8 @@ def main() -> None:
     results = {case: step_once(2, case) for case in CASES}
     shared = out / "runs"  # one path on both ranks, and its own for each launch
     runs = resume_runs(shared)
-    trainer, straight, resumed = runs["trainer"], runs["straight_params"], runs["resumed_params"]
-    acc = trainer.accelerator
-    if acc.is_main_process:
-        for case, result in results.items():
-            torch.save(result, out / f"step_{case}.pt")
-        torch.save(straight, out / "straight.pt")
-        torch.save(resumed, out / "resumed.pt")
-        (out / "train.json").write_text(json.dumps({
-            "stage": trainer.layout.zero_stage, "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
-            "straight": runs["straight"], "first": runs["first"], "resumed": runs["resumed"],
-            "saved": (shared / "straight" / "model.safetensors").exists()}))
+    write_launch_results(out, results, runs, stage=runs["trainer"].layout.zero_stage,
+                         saved=(shared / "straight" / "model.safetensors").exists())
 
 
 if __name__ == "__main__":

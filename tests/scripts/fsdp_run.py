@@ -12,15 +12,12 @@ Writes into OUT_DIR (rank 0):
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from one_step import resume_runs, step_once  # noqa: E402
+from one_step import resume_runs, step_once, write_launch_results  # noqa: E402
 
 from rlclip.fsdp import is_sharded  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
@@ -50,20 +47,12 @@ def main() -> None:
     results = {case: step_once(2, case) for case in CASES}
     shared = out / "runs"  # one path on both ranks, and its own for each launch
     runs = resume_runs(shared)
-    trainer, straight, resumed = runs["trainer"], runs["straight_params"], runs["resumed_params"]
-    lengths = uneven_generation(trainer)
-    acc = trainer.accelerator
-    if acc.is_main_process:
-        for case, result in results.items():
-            torch.save(result, out / f"step_{case}.pt")
-        torch.save(straight, out / "straight.pt")
-        torch.save(resumed, out / "resumed.pt")
-        (out / "train.json").write_text(json.dumps({
-            "fsdp": trainer.layout.fsdp is not None, "sharded": is_sharded(trainer.model),
-            "world_size": acc.num_processes, "distributed": str(acc.distributed_type),
-            "generated_lengths": lengths, "straight": runs["straight"], "first": runs["first"], "resumed": runs["resumed"],
-            "model": str(shared / "straight" / "model.safetensors"),
-            "checkpoint_shards": sorted(p.name for p in (shared / "resumed" / "checkpoint-2" / "state" / "fsdp").iterdir())}))
+    trainer = runs["trainer"]
+    lengths = uneven_generation(trainer)  # collective: every process
+    write_launch_results(out, results, runs, fsdp=trainer.layout.fsdp is not None, sharded=is_sharded(trainer.model),
+                         generated_lengths=lengths, model=str(shared / "straight" / "model.safetensors"),
+                         checkpoint_shards=sorted(p.name for p in (shared / "resumed" / "checkpoint-2" / "state"
+                                                                   / "fsdp").iterdir()))
 
 
 if __name__ == "__main__":

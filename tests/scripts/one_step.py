@@ -9,6 +9,7 @@ whose statistics span the optimizer step.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -123,3 +124,19 @@ def resume_runs(shared: Path) -> dict:
     resumed_steps, resumed, _ = train(shared / "resumed", "max_steps=3", "resume_from_checkpoint=latest")
     return {"straight": straight_steps, "first": first_steps, "resumed": resumed_steps,
             "straight_params": straight, "resumed_params": resumed, "trainer": trainer}
+
+
+def write_launch_results(out: Path, steps: dict[str, dict], runs: dict, **info) -> None:
+    """Process 0 of a multi-process launch writes its results for the test: ``step_<case>.pt`` per
+    ``steps`` entry, ``straight.pt`` / ``resumed.pt`` from :func:`resume_runs`, and ``train.json`` (world size,
+    distributed type, the runs' steps, plus ``info``)."""
+    acc = runs["trainer"].accelerator
+    if not acc.is_main_process:
+        return
+    for case, result in steps.items():
+        torch.save(result, out / f"step_{case}.pt")
+    torch.save(runs["straight_params"], out / "straight.pt")
+    torch.save(runs["resumed_params"], out / "resumed.pt")
+    (out / "train.json").write_text(json.dumps({
+        "world_size": acc.num_processes, "distributed": str(acc.distributed_type), "straight": runs["straight"],
+        "first": runs["first"], "resumed": runs["resumed"], **info}))
