@@ -191,6 +191,10 @@ class TrainingConfig:
     """Gradient clipper: ``{name: norm|autoclip|zclip|adagc, ...settings}`` (docs/grad_clipping.md); None: norm at max_grad_norm."""
     max_consecutive_skips: int = 3
     """Stop with an error after this many optimizer steps in a row were skipped for a non-finite loss or gradient (0: never)."""
+    release_free_memory: bool = True
+    """Hand the heap's freed pages back to the OS after generation, before each backward and before the embedding's gradient (glibc malloc_trim; skipped elsewhere; values unchanged; rlclip/memory.py)."""
+    optimizer_in_backward: bool = False
+    """Step each parameter inside the backward as soon as its gradient is complete, then free it: no full-model gradient is ever held (rlclip/optim_in_backward.py). Needs max_grad_norm 0, no grad_clip, one micro-batch per optimizer step, one process, no critic."""
     logprob_chunk_size: int = 1024
     """Positions per chunk when turning hidden states into log-probs."""
 
@@ -494,6 +498,27 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
     build_objective_from_config(config)
     build_clipper_from_config(config)
+    _check_in_backward(config)
+
+
+def _check_in_backward(config: TrainConfig) -> None:
+    """Optimizer-in-backward steps a parameter the moment its gradient is done: nothing may need them all."""
+    train = config.train
+    if not train.optimizer_in_backward:
+        return
+    if train.max_grad_norm or train.grad_clip:
+        raise ConfigError("train.optimizer_in_backward cannot clip by the global gradient norm (it needs every "
+                          "gradient before any step); set train.max_grad_norm: 0 and leave train.grad_clip unset, "
+                          "or turn optimizer_in_backward off")
+    rows = config.rollout.prompts_per_step * config.rollout.group_size // train.mini_batches
+    if rows > train.micro_batch_size:
+        raise ConfigError(f"train.optimizer_in_backward needs one backward per optimizer step, but a mini-batch of "
+                          f"{rows} sequences is {math.ceil(rows / train.micro_batch_size)} micro-batches of "
+                          f"{train.micro_batch_size}; set train.micro_batch_size: {rows} (or raise "
+                          "train.mini_batches), or turn optimizer_in_backward off")
+    if config.advantage.name == "gae":
+        raise ConfigError("train.optimizer_in_backward does not step the PPO critic (advantage.name: gae); use a "
+                          "group advantage (grpo, dr_grpo, rloo) or turn optimizer_in_backward off")
 
 
 BACKENDS = ("hf", "vllm_colocate", "vllm_server")

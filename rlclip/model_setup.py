@@ -19,8 +19,14 @@ from rlclip.critic import load_critic
 from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS, load_model
 
 
-def prepare_policy(model: torch.nn.Module, config: Any) -> torch.nn.Module:
-    """Checkpointing per ``config.model.gradient_checkpointing``, then LoRA per ``config.lora`` (a PEFT model)."""
+def prepare_policy(model: torch.nn.Module, config: Any, sparse_embedding: bool = True) -> torch.nn.Module:
+    """Checkpointing per ``config.model.gradient_checkpointing``, then LoRA per ``config.lora`` (a PEFT model).
+
+    ``sparse_embedding``: a tied input embedding sends its gradient sparsely
+    (:func:`sparse_tied_embedding_gradient`); only for one process with plain parameters, since DDP then
+    expects a sparse gradient where autograd delivers the dense sum, and FSDP and DeepSpeed hold shards."""
+    if sparse_embedding and not config.lora.enabled:
+        sparse_tied_embedding_gradient(model)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
         model.config.use_cache = False
@@ -42,6 +48,22 @@ def prepare_policy(model: torch.nn.Module, config: Any) -> torch.nn.Module:
     adapters = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           layers_to_transform=layers, task_type="CAUSAL_LM")
     return get_peft_model(model, adapters)
+
+
+def sparse_tied_embedding_gradient(model: torch.nn.Module) -> bool:
+    """A tied input embedding sends only its looked-up rows back; True when it was switched on.
+
+    With ``tie_word_embeddings`` the output layer's gradient is already dense ``[V, H]``; the embedding's
+    dense backward would make a second zero-filled ``[V, H]`` (113 MB for SmolLM2's 49k x 576), scatter the
+    ``B x T`` used rows into it and add it. Sparse, it is ``B x T`` rows that autograd adds into the dense
+    one, so the gradient reaching the optimizer is still one dense tensor, equal up to the order of
+    floating-point additions (tests/test_optim_in_backward.py). An untied embedding is left dense: AdamW
+    takes no sparse gradient."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = isinstance(embedding, torch.nn.Embedding) and head is not None and embedding.weight is head.weight
+    if tied and embedding.weight.requires_grad:
+        embedding.sparse = True
+    return bool(tied and embedding.sparse)
 
 
 def reference_model(config: Any, base_path: str, layout: Any) -> torch.nn.Module:

@@ -41,9 +41,11 @@ from rlclip.grad_clip import build_clipper
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.is_correction import importance_weights
+from rlclip.memory import FreeMemoryRelease
 from rlclip.model_setup import build_optimizer, critic_and_optimizer, prepare_policy, reference_model
 from rlclip.modeling import load_model_and_tokenizer, quiet_saving
 from rlclip.objectives.base import aggregate, masked_mean
+from rlclip.optim_in_backward import build_in_backward
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs, unwrap
@@ -115,7 +117,8 @@ class Trainer:
         self._base_path = model.name_or_path
         self.max_prompt_length, self.records = limit_prompts(self.records, self.tokenizer, model.config,
                                                              config.rollout, self._say)
-        model = self.layout.shard(prepare_policy(model, config))  # FSDP shards before the optimizer holds the weights
+        single = self.layout.fused_optimizer and self.accelerator.num_processes == 1
+        model = self.layout.shard(prepare_policy(model, config, single))  # FSDP shards before the optimizer holds the weights
         self.ref_model = reference_model(config, self._base_path, self.layout) \
             if self.needs_reference and not config.lora.enabled else None  # LoRA: the adapter off is the reference
         self.optimizer = build_optimizer(model, config.train, self.layout.fused_optimizer)
@@ -124,6 +127,9 @@ class Trainer:
                                        num_training_steps=config.max_steps)
         # The scheduler is stepped by hand once per optimizer step (accelerate's
         # wrapper would step it once per process) and only registered for checkpoints.
+        self.release_memory = FreeMemoryRelease(config.train.release_free_memory)
+        self.release_memory.before_embedding_backward(model)
+        self.in_backward = build_in_backward(config.train.optimizer_in_backward, self.optimizer, model, self.layout)
         self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = critic_and_optimizer(config, self._base_path, self.accelerator)
@@ -226,6 +232,7 @@ class Trainer:
         """rollout -> reward -> behaviour log-probs -> advantage: a scored batch and its metrics."""
         start = time.perf_counter()
         rollout = self.generate(self.next_prompts())
+        self.release_memory()  # generation's caches and logits are freed: hand their pages back
         metrics = self.score(rollout)
         metrics["rollout/prompts_truncated"] = all_reduce(
             self.accelerator, torch.tensor(float(rollout.prompts_truncated), device=self.accelerator.device), "sum").item()
@@ -406,7 +413,8 @@ class Trainer:
                     loss = out.loss
                     if self.entropy_bonus.enabled:
                         loss = loss + self.entropy_bonus.loss(entropy, *self.objective.bonus_mask(batch))
-                    self.layout.backward(self.model, loss * acc.num_processes)
+                    self.release_memory()
+                    (self.in_backward or self.layout).backward(self.model, loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
                     value_out = self.value_loss(micro, value_tokens)
@@ -432,6 +440,13 @@ class Trainer:
                 self.scheduler.step()
                 self.generator.policy_changed()
             return {"optim/skipped_steps": float(self.guard.skipped), "optim/grad_norm": norm, "grad/norm_pre": norm}
+        if self.in_backward is not None:  # the parameters were stepped in the backward; what is left is bookkeeping
+            norm, partial = self.in_backward.finish()
+            if self.guard.take_step(self.step, policy_loss, norm) or partial:
+                self.scheduler.step()
+                self.generator.policy_changed()
+            return {"optim/skipped_steps": float(self.guard.skipped), "optim/grad_norm": float(norm),
+                    "grad/norm_pre": float(norm), "optim/partial_steps": float(self.in_backward.partial_steps)}
         policy_params = [p for p in self.model.parameters() if p.requires_grad] if train_policy else []
         norm = self.clipper.measure(policy_params) if train_policy else torch.zeros(())
         critic_params = [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []

@@ -76,10 +76,12 @@ def nan_objective():
 
 # --- the non-finite guard ---------------------------------------------------------------------------
 
-def test_one_nan_loss_skips_the_step_and_training_recovers(tmp_path, nan_objective):
+@pytest.mark.parametrize("in_backward", [(), ("train.optimizer_in_backward=true", "train.max_grad_norm=0")],
+                         ids=["ordinary", "optimizer_in_backward"])
+def test_one_nan_loss_skips_the_step_and_training_recovers(tmp_path, nan_objective, in_backward):
     name = nan_objective("nan_once", bad={1})  # one micro-batch per step: call 1 is the second step
     cfg = tiny_config(tmp_path, f"objective.name={name}", "max_steps=4", "save_steps=0",
-                      "train.micro_batch_size=16")
+                      "train.micro_batch_size=16", *in_backward)
     trainer = Trainer(cfg)
     history = trainer.train()
     assert [h["optim/skipped_steps"] for h in history] == [0, 1, 1, 1]

