@@ -129,7 +129,8 @@ class Trainer:
         # wrapper would step it once per process) and only registered for checkpoints.
         self.release_memory = FreeMemoryRelease(config.train.release_free_memory)
         self.release_memory.before_embedding_backward(model)
-        self.in_backward = build_in_backward(config.train.optimizer_in_backward, self.optimizer, model, self.layout)
+        self.in_backward = build_in_backward(config.train.optimizer_in_backward, self.optimizer, model, self.layout,
+                                             self.release_memory)
         self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = critic_and_optimizer(config, self._base_path, self.accelerator)

@@ -156,3 +156,29 @@ def test_an_untied_embedding_stays_dense():
     model = SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(4, 2),
                             get_output_embeddings=lambda: torch.nn.Linear(2, 4, bias=False))
     assert not sparse_tied_embedding_gradient(model)
+
+
+def test_freed_gradients_are_released_every_release_every_bytes():
+    model, params, _ = _toy()
+    calls = []
+    hooks = OptimizerInBackward(torch.optim.SGD(params, lr=0.1), params, lambda m, loss: loss.backward(),
+                                release=lambda: calls.append(1), release_every=4 * 8)  # 4 float64 values
+    hooks.backward(model, model(torch.ones(2, 3, dtype=torch.float64)).sum())
+    # freed in backward order: 2.bias (2 values), 2.weight (8): release; 0.bias (4): release; 0.weight (12): release
+    assert len(calls) == 3
+
+
+def test_the_trainer_releases_after_generation_before_each_backward_and_before_the_embedding(tmp_path):
+    from rlclip.memory import _malloc_trim
+
+    if _malloc_trim() is None:
+        pytest.skip("no glibc malloc_trim here")
+    # one rollout: 2 optimizer steps of 2 micro-batches each
+    on = Trainer(tiny_config(tmp_path / "on", "max_steps=2", "save_steps=0"))
+    on.train()
+    assert on.release_memory.calls == 1 + 2 * (2 + 2)
+    off = Trainer(tiny_config(tmp_path / "off", "max_steps=2", "save_steps=0", "train.release_free_memory=false"))
+    off.train()
+    assert off.release_memory.calls == 0
+    for a, b in zip(on.model.parameters(), off.model.parameters()):
+        assert torch.equal(a, b)  # where freed memory lives changes no value
