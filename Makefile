@@ -36,7 +36,7 @@ demo: install
 bench: install
 	$(PY) eval/bench/step_vs_trl.py --output eval/results/step_vs_trl.md
 	$(PY) eval/bench/objectives.py
-	$(PY) eval/bench/profile_step.py
+	$(PY) eval/bench/profile_step.py --gradient-checkpointing
 	$(PY) eval/bench/perf_report.py
 
 smoke: install

