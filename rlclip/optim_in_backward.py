@@ -47,18 +47,12 @@ class OptimizerInBackward:
         optimizer: the (unwrapped) torch optimizer over ``params``.
         params: the trainable parameters; each gets a post-accumulate-grad hook.
         backward: ``backward(model, loss)``, the launch layout's backward.
-        release: called after every ``release_every`` bytes of gradients stepped and freed (the trainer's
-            :class:`rlclip.memory.FreeMemoryRelease`): freed gradients sit in the middle of the heap, and
-            without it each decoder layer's backward left about 24 MiB more resident on SmolLM2-135M.
-        release_every: bytes of freed gradients between two ``release`` calls.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                 backward: Callable[[torch.nn.Module, torch.Tensor], None],
-                 release: Callable[[], None] | None = None, release_every: int = 64 * 2**20) -> None:
+                 backward: Callable[[torch.nn.Module, torch.Tensor], None]) -> None:
         self.optimizer = optimizer
         self._backward = backward
-        self._release, self._release_every, self._freed = release, release_every, 0
         self.partial_steps = 0
         self._armed = False
         self._sq_norms: list[torch.Tensor] = []
@@ -96,11 +90,7 @@ class OptimizerInBackward:
         if not self._bad:
             self.optimizer.step()
             self._stepped += 1
-        self._freed += param.grad.numel() * param.grad.element_size()
         param.grad = None
-        if self._release is not None and self._freed >= self._release_every:
-            self._release()
-            self._freed = 0
 
     def finish(self) -> tuple[torch.Tensor, bool]:
         """``(global gradient norm, partial)`` of the backward just run; resets for the next step.
@@ -124,7 +114,7 @@ class OptimizerInBackward:
 
 
 def build_in_backward(enabled: bool, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
-                      layout: Any, release: Callable[[], None] | None = None) -> OptimizerInBackward | None:
+                      layout: Any) -> OptimizerInBackward | None:
     """The hooks for ``train.optimizer_in_backward`` (None when off); a launch it cannot serve is an error."""
     if not enabled:
         return None
@@ -133,4 +123,4 @@ def build_in_backward(enabled: bool, optimizer: torch.optim.Optimizer, model: to
                           "processes a gradient is averaged only after its hook would have stepped it); launch "
                           "one process, or turn optimizer_in_backward off")
     params = [p for p in model.parameters() if p.requires_grad]
-    return OptimizerInBackward(optimizer, params, layout.backward, release)
+    return OptimizerInBackward(optimizer, params, layout.backward)

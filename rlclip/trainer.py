@@ -127,10 +127,9 @@ class Trainer:
                                        num_training_steps=config.max_steps)
         # The scheduler is stepped by hand once per optimizer step (accelerate's
         # wrapper would step it once per process) and only registered for checkpoints.
+        self.in_backward = build_in_backward(config.train.optimizer_in_backward, self.optimizer, model, self.layout)
         self.release_memory = FreeMemoryRelease(config.train.release_free_memory)
-        self.release_memory.before_embedding_backward(model)
-        self.in_backward = build_in_backward(config.train.optimizer_in_backward, self.optimizer, model, self.layout,
-                                             self.release_memory)
+        self.release_memory.watch_backward(model)  # after the in-backward hooks: it counts what they freed
         self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = critic_and_optimizer(config, self._base_path, self.accelerator)

@@ -158,14 +158,18 @@ def test_an_untied_embedding_stays_dense():
     assert not sparse_tied_embedding_gradient(model)
 
 
-def test_freed_gradients_are_released_every_release_every_bytes():
-    model, params, _ = _toy()
+def test_the_backward_releases_after_every_64_mib_of_finished_gradients():
+    from rlclip.memory import FreeMemoryRelease
+
+    model, params, hooks = _toy()
+    release = FreeMemoryRelease(True, every=4 * 8)  # 4 float64 values
     calls = []
-    hooks = OptimizerInBackward(torch.optim.SGD(params, lr=0.1), params, lambda m, loss: loss.backward(),
-                                release=lambda: calls.append(1), release_every=4 * 8)  # 4 float64 values
+    release.trim = calls.append  # count instead of trimming
+    release.watch_backward(model)
     hooks.backward(model, model(torch.ones(2, 3, dtype=torch.float64)).sum())
-    # freed in backward order: 2.bias (2 values), 2.weight (8): release; 0.bias (4): release; 0.weight (12): release
-    assert len(calls) == 3
+    # done in backward order: 2.bias (2 values), 2.weight (8): release; 0.bias (4): release; 0.weight (12): release
+    assert calls == [0, 0, 0]
+    assert all(p.grad is None for p in params)  # the release hooks run after the in-backward step
 
 
 def test_the_trainer_releases_after_generation_before_each_backward_and_before_the_embedding(tmp_path):
