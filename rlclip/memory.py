@@ -12,6 +12,9 @@ the heap back (``MADV_DONTNEED``); the pages fault in again only if they are
 reused. It is called where the next phase's allocations begin:
 
 - after generation, before the training pass;
+- in the update pass's forward, after every 5th decoder layer (under LoRA
+  the forward's RSS grew by about 30 MiB per layer while its live memory
+  grew by 3-4 MiB: its blocks wandered over the heap's free space);
 - before each backward pass;
 - in the backward, after every 64 MiB of parameters whose gradient is done
   (each decoder layer's backward left about 24 MiB more resident without
@@ -49,17 +52,26 @@ def _malloc_trim() -> Any:
     return trim
 
 
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's stack of decoder layers (the longest ModuleList named ``layers``), or []."""
+    stacks = [m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks")]
+    return list(max(stacks, key=len)) if stacks else []
+
+
 class FreeMemoryRelease:
     """Calls ``malloc_trim(0)`` at the phase boundaries of a step, when enabled.
 
     Args:
         enabled: ``train.release_free_memory``; off, every method does nothing.
         every: in the backward, release after gradients of this many bytes of parameters are done.
+        layers_between: in a forward with grad (the update pass), release after every this many decoder layers.
     """
 
-    def __init__(self, enabled: bool, every: int = 64 * 2**20) -> None:
+    def __init__(self, enabled: bool, every: int = 64 * 2**20, layers_between: int = 5) -> None:
         self.trim = _malloc_trim() if enabled else None
         self.every = every
+        self.layers_between = layers_between
         self.calls = 0
         self._done = 0
 
@@ -78,6 +90,9 @@ class FreeMemoryRelease:
         for param in model.parameters():
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(self._count)
+        layers = _decoder_layers(model)
+        for layer in layers[self.layers_between - 1::self.layers_between]:
+            layer.register_forward_hook(self._release_in_training_forward)
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embedding is None:
             return
@@ -90,6 +105,10 @@ class FreeMemoryRelease:
 
     def _release_on_grad(self, grad: torch.Tensor) -> None:
         self()
+
+    def _release_in_training_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled():  # not in generation, the behaviour pass or evaluation
+            self()
 
     def _count(self, param: torch.Tensor) -> None:
         self._done += param.numel() * param.element_size()

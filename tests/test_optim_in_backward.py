@@ -186,3 +186,27 @@ def test_the_trainer_releases_after_generation_before_each_backward_and_before_t
     assert off.release_memory.calls == 0
     for a, b in zip(on.model.parameters(), off.model.parameters()):
         assert torch.equal(a, b)  # where freed memory lives changes no value
+
+
+def test_a_forward_with_grad_releases_after_every_5th_decoder_layer_and_generation_does_not():
+    from rlclip.memory import FreeMemoryRelease
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(12))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model, calls = Stack(), []
+    release = FreeMemoryRelease(True)
+    release.trim = calls.append
+    release.watch_backward(model)
+    with torch.no_grad():
+        model(torch.ones(1, 2))
+    assert calls == []
+    model(torch.ones(1, 2))
+    assert len(calls) == 2  # after layers 5 and 10
