@@ -210,3 +210,13 @@ def test_a_forward_with_grad_releases_after_every_5th_decoder_layer_and_generati
     assert calls == []
     model(torch.ones(1, 2))
     assert len(calls) == 2  # after layers 5 and 10
+
+
+def test_a_tiny_run_learns_the_same_weights_with_and_without_the_sparse_embedding_gradient(tmp_path, monkeypatch):
+    sparse = _trained(tmp_path / "sparse", False)
+    assert sparse.model.get_input_embeddings().sparse
+    monkeypatch.setattr("rlclip.model_setup.sparse_tied_embedding_gradient", lambda model: False)
+    dense = _trained(tmp_path / "dense", False)
+    assert not dense.model.get_input_embeddings().sparse
+    for (name, a), b in zip(sparse.model.named_parameters(), dense.model.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
