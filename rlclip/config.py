@@ -192,7 +192,7 @@ class TrainingConfig:
     max_consecutive_skips: int = 3
     """Stop with an error after this many optimizer steps in a row were skipped for a non-finite loss or gradient (0: never)."""
     release_free_memory: bool = True
-    """Hand the heap's freed pages back to the OS after generation, before each backward and before the embedding's gradient (glibc malloc_trim; skipped elsewhere; values unchanged; rlclip/memory.py)."""
+    """Hand the heap's freed pages back to the OS (glibc malloc_trim; skipped elsewhere; values unchanged): after generation, every 5th decoder layer of the update forward, before each backward, every 64 MiB of finished gradients and before the embedding's gradient (docs/memory.md)."""
     optimizer_in_backward: bool = False
     """Step each parameter inside the backward as soon as its gradient is complete, then free it: no full-model gradient is ever held (rlclip/optim_in_backward.py). Needs max_grad_norm 0, no grad_clip, one micro-batch per optimizer step, one process, no critic."""
     logprob_chunk_size: int = 1024
