@@ -7,7 +7,7 @@ does not branch on DeepSpeed:
 - **DDP / one process.** ``accelerator.backward``; the gradient all-reduce is
   skipped on all but the last micro-batch of an optimizer step
   (``no_sync``); rlclip measures and clips the gradient itself and steps the
-  optimizer (``Trainer._apply_gradients``).
+  optimizer (rlclip/gradient_step.py).
 - **DeepSpeed ZeRO-2/3** (``accelerate launch --config_file
   recipes/accelerate/deepspeed_zero2.yaml``). DeepSpeed owns the gradient
   partitions, so it also owns the step: ``engine.backward`` per micro-batch

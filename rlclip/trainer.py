@@ -38,6 +38,7 @@ from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
 from rlclip.generation import build_generator
 from rlclip.grad_clip import build_clipper
+from rlclip.gradient_step import GradientStep
 from rlclip.guard import NonFiniteGuard, mask_nonfinite
 from rlclip.interrupt import StopRequest
 from rlclip.is_correction import importance_weights
@@ -133,7 +134,9 @@ class Trainer:
         self.model, self.optimizer = self.layout.prepare(model, self.optimizer)
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.critic, self.critic_optimizer = critic_and_optimizer(config, self._base_path, self.accelerator)
-        self.critic_clipper = build_clipper("norm", max_norm=config.critic.max_grad_norm)
+        self.gradient_step = GradientStep(
+            self.layout, self.guard, self.clipper, self.optimizer, self.scheduler, self.generator.policy_changed,
+            self.in_backward, build_clipper("norm", max_norm=config.critic.max_grad_norm), self.critic_optimizer)
         set_seed(config.seed, device_specific=True)  # different samples on each process
         self.step = 0
         self.rollout_index = 0
@@ -427,47 +430,9 @@ class Trainer:
         if train_policy and self.telemetry is not None:
             result.update(self.telemetry.end_step(ProcessReducer(acc)))
         self.step += 1
-        result.update(self._apply_gradients(train_policy, policy_metrics.loss, critic_metrics.loss))
+        result.update(self.gradient_step.apply(self.step, self.model, self.critic, train_policy,
+                                               policy_metrics.loss, critic_metrics.loss))
         result["optim/lr"] = self.scheduler.get_last_lr()[0]
-        return result
-
-    def _apply_gradients(self, train_policy: bool, policy_loss: float, critic_loss: float) -> dict[str, float]:
-        """Non-finite guard -> gradient clipper -> optimizer steps; a non-finite step changes nothing."""
-        if self.layout.deepspeed:  # DeepSpeed clips and skips a non-finite step itself; the guard counts it
-            applied, norm = self.layout.step(self.model)
-            self.guard.take_step(self.step, policy_loss, norm)
-            if applied:
-                self.scheduler.step()
-                self.generator.policy_changed()
-            return {"optim/skipped_steps": float(self.guard.skipped), "optim/grad_norm": norm, "grad/norm_pre": norm}
-        if self.in_backward is not None:  # the parameters were stepped in the backward; what is left is bookkeeping
-            norm, partial = self.in_backward.finish()
-            if self.guard.take_step(self.step, policy_loss, norm) or partial:
-                self.scheduler.step()
-                self.generator.policy_changed()
-            return {"optim/skipped_steps": float(self.guard.skipped), "optim/grad_norm": float(norm),
-                    "grad/norm_pre": float(norm), "optim/partial_steps": float(self.in_backward.partial_steps)}
-        policy_params = [p for p in self.model.parameters() if p.requires_grad] if train_policy else []
-        norm = self.clipper.measure(policy_params) if train_policy else torch.zeros(())
-        critic_params = [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
-        critic_norm = self.critic_clipper.measure(critic_params) if self.critic is not None else torch.zeros(())
-        take = self.guard.take_step(self.step, policy_loss, critic_loss, norm, critic_norm)
-        result = {"optim/skipped_steps": float(self.guard.skipped)}
-        if train_policy and take:
-            result.update(self.clipper.apply(policy_params, norm))
-            result["optim/grad_norm"] = result["grad/norm_pre"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.generator.policy_changed()
-        elif train_policy:
-            result.update({"optim/grad_norm": float(norm), "grad/norm_pre": float(norm)})
-        if self.critic is not None:
-            result["critic/grad_norm"] = float(critic_norm)
-            if take:
-                self.critic_clipper.apply(critic_params, critic_norm)
-                self.critic_optimizer.step()
-            self.critic_optimizer.zero_grad(set_to_none=True)
-        self.optimizer.zero_grad(set_to_none=True)
         return result
 
     def step_statistics(self, mini_batch: RolloutBatch, chunks: list[Tensor], num_tokens: Tensor,

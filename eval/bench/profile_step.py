@@ -36,7 +36,7 @@ from step_vs_trl import (  # noqa: E402
 
 PHASES = {  # trainer attribute -> phase name, in step order
     "generate": "generation", "score": "reward", "record_behaviour": "behaviour pass",
-    "policy_batch": "forward (update pass)", "_apply_gradients": "clip + optimizer", "save_model": "save",
+    "policy_batch": "forward (update pass)", "save_model": "save",
 }
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for attr, name in PHASES.items():
         setattr(trainer, attr, wrap(getattr(trainer, attr), name))
     trainer.accelerator.backward = wrap(trainer.accelerator.backward, "backward")
+    trainer.gradient_step.apply = wrap(trainer.gradient_step.apply, "clip + optimizer")
     write = trainer.run_log.write
     prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
 

@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_config  # noqa: E402
+from rlclip.gradient_step import GradientStep  # noqa: E402
 from rlclip.rewards.math_rewards import completion_text  # noqa: E402
 from rlclip.trainer import Trainer  # noqa: E402
 
@@ -30,14 +32,14 @@ def digit_fraction(prompts, completions, **kwargs):
 
 
 def nan_grad_report(out: Path) -> dict:
-    apply = Trainer._apply_gradients
+    apply = GradientStep.apply
 
-    def poisoned(self, train_policy, policy_loss, critic_loss):
-        if self.step == 2 and self.accelerator.process_index == 1:
-            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
-        return apply(self, train_policy, policy_loss, critic_loss)
+    def poisoned(self, step, model, critic, train_policy, policy_loss, critic_loss):
+        if step == 2 and PartialState().process_index == 1:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return apply(self, step, model, critic, train_policy, policy_loss, critic_loss)
 
-    Trainer._apply_gradients = poisoned
+    GradientStep.apply = poisoned
     try:
         trainer = Trainer(tiny_config(out, "max_steps=6", "save_steps=0",
                                       "train.grad_clip={name: zclip, warmup_steps: 2, max_grad_norm: null}",
@@ -45,7 +47,7 @@ def nan_grad_report(out: Path) -> dict:
                                       "rollout.max_new_tokens=8"), reward_funcs=[digit_fraction])
         history = trainer.train()
     finally:
-        Trainer._apply_gradients = apply
+        GradientStep.apply = apply
     weights = [p.detach() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()]
     return {"skipped": [h["optim/skipped_steps"] for h in history],
             "thresholds": [h.get("grad/threshold") for h in history],
