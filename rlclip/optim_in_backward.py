@@ -31,8 +31,7 @@ as skipped by the guard and as partial (``optim/partial_steps``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from rlclip.errors import ConfigError
 
 
 class OptimizerInBackward:
-    """Steps ``optimizer`` one parameter at a time inside the backward pass of :meth:`armed`.
+    """Steps ``optimizer`` one parameter at a time inside the backward pass of :meth:`backward`.
 
     Args:
         optimizer: the (unwrapped) torch optimizer over ``params``.
@@ -58,22 +57,17 @@ class OptimizerInBackward:
         self._sq_norms: list[torch.Tensor] = []
         self._bad = False
         self._stepped = 0
-        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._step)
 
     def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
         """The backward pass, stepping each parameter on the way; a non-finite loss runs none (nothing changes)."""
         if not math.isfinite(float(loss.detach())):
             self._bad = True
             return
-        with self.armed():
-            self._backward(model, loss)
-
-    @contextmanager
-    def armed(self) -> Iterator[None]:
-        """Step parameters during the backward passes inside this block (and only there)."""
-        self._armed = True
+        self._armed = True  # a backward anywhere else (the user's, telemetry's) only accumulates
         try:
-            yield
+            self._backward(model, loss)
         finally:
             self._armed = False
 
@@ -105,12 +99,6 @@ class OptimizerInBackward:
             norm = torch.full((), math.nan)
         self._sq_norms, self._bad, self._stepped = [], False, 0
         return norm, partial
-
-    def remove(self) -> None:
-        """Take the hooks off the parameters."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def build_in_backward(enabled: bool, optimizer: torch.optim.Optimizer, model: torch.nn.Module,

@@ -98,7 +98,7 @@ def test_a_nonfinite_gradient_stops_stepping_from_its_parameter_on():
     assert all(p.grad is None for p in params)
 
 
-def test_backward_outside_the_armed_block_only_accumulates():
+def test_a_backward_it_does_not_run_only_accumulates():
     model, params, hooks = _toy()
     before = [p.detach().clone() for p in params]
     model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
