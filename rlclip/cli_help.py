@@ -43,7 +43,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 def config_fields(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     """Every config field as ``(dotted name, type, default, doc)``, sections expanded in order."""
-    from rlclip import config as config_module
+    from rlclip.config import schema as config_module
 
     cls = cls or config_module.TrainConfig
     docs = field_docs(inspect.getsourcefile(config_module))
@@ -71,13 +71,17 @@ def train_help(section: str | None = None) -> str:
              "  rlclip train --config recipes/smoke/tiny.yaml --objective.name troll --max_steps 10", "",
              f"Recipes: {', '.join(recipe_names())}",
              "Objective settings (objective.*): see rlclip objectives.", ""]
+    from rlclip.config.ranges import CHOICES, RANGES
+
     current = None
     for name, kind, default, doc in rows:
         head = name.split(".")[0] if "." in name else ""
         if head != current:
             current = head
             lines.append(f"{head}:" if head else "top level:")
-        lines.append(f"  --{name} ({kind}, default {default!r})")
+        allowed = f", must {RANGES[name].describe()}" if name in RANGES else \
+            f", one of {'|'.join(CHOICES[name])}" if name in CHOICES else ""
+        lines.append(f"  --{name} ({kind}, default {default!r}{allowed})")
         if doc:
             lines.append(f"      {doc}")
     return "\n".join(lines)

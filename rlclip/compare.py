@@ -325,7 +325,7 @@ def sweep(config: Any, specs: list[tuple[str, dict[str, Any]]], seeds: list[int]
 def main(argv: list[str]) -> int:
     from accelerate import PartialState
 
-    from rlclip.cli import EXIT_INTERRUPTED, ArgumentParser, preflight
+    from rlclip.cli_common import EXIT_INTERRUPTED, ArgumentParser, preflight
     from rlclip.config import build_objective_from_config, load_config, parse_overrides
 
     parser = ArgumentParser(prog="rlclip compare", description="Run one recipe with several objectives and seeds.")

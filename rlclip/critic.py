@@ -9,13 +9,16 @@ advantages only.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rlclip.errors import ConfigError
 from rlclip.modeling import DTYPES
+from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.policy import position_ids_from_mask
+from rlclip.types import ObjectiveOutput
 
 
 def load_critic(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
@@ -79,3 +82,14 @@ def explained_variance(returns_var: Tensor, residual_var: Tensor) -> Tensor:
     returns_var = torch.as_tensor(returns_var)
     defined = returns_var > 1e-10
     return torch.where(defined, 1 - residual_var / returns_var.clamp_min(1e-10), torch.full_like(returns_var, math.nan))
+
+
+def value_loss(critic: nn.Module, micro: Any, num_tokens: Tensor, value_clip: float | None) -> ObjectiveOutput:
+    """The clipped value loss of a micro-batch (a ``RolloutBatch``), token mean over the global token count."""
+    values = completion_values(critic, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
+                               micro.completion_mask)  # [b, T]
+    per_token, clipped = clipped_value_loss(values, micro.old_values, micro.returns, value_clip)  # [b, T]
+    mask = micro.completion_mask.to(values.dtype)  # [b, T]
+    return ObjectiveOutput(loss=aggregate(per_token, mask, "token_mean", num_tokens),
+                           metrics={"value_clip_frac": masked_mean(clipped.to(values.dtype), mask),
+                                    "values_mean": masked_mean(values.detach(), mask)})

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlclip import advantages as adv_lib
+from rlclip.behaviour import BehaviourPass
 from rlclip.checkpoint import Checkpointer, claim_output_dir, resume_run, save_run
 from rlclip.config import (
     TrainConfig,
@@ -32,30 +33,28 @@ from rlclip.config import (
     build_objective_from_config,
 )
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
-from rlclip.critic import clipped_value_loss, completion_values, explained_variance
+from rlclip.critic import explained_variance, value_loss
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.errors import ConfigError
 from rlclip.generation import build_generator
 from rlclip.grad_clip import build_clipper
 from rlclip.gradient_step import GradientStep
-from rlclip.guard import NonFiniteGuard, mask_nonfinite
+from rlclip.guard import NonFiniteGuard
 from rlclip.interrupt import StopRequest
-from rlclip.is_correction import importance_weights
 from rlclip.memory import FreeMemoryRelease
 from rlclip.model_setup import build_optimizer, critic_and_optimizer, prepare_policy, reference_model
 from rlclip.modeling import load_model_and_tokenizer, quiet_saving
-from rlclip.objectives.base import aggregate, masked_mean
 from rlclip.optim_in_backward import build_in_backward
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
-from rlclip.policy import completion_logprobs, unwrap
+from rlclip.policy import completion_logprobs
 from rlclip.rewards import resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts
 from rlclip.run_log import RunLog
 from rlclip.scoring import score_rollout
 from rlclip.telemetry import TrustTelemetry
-from rlclip.types import ObjectiveOutput, PolicyBatch, RolloutBatch
+from rlclip.types import PolicyBatch, RolloutBatch
 from rlclip.utils import (
     MetricAccumulator,
     ProcessReducer,
@@ -108,6 +107,7 @@ class Trainer:
         self.zero_advantage = ZeroAdvantageWatch(self._say, config.rollout.temperature)
         self.telemetry = TrustTelemetry() if config.logging.trust_metrics else None
         self.stop = StopRequest()
+        self.behaviour = BehaviourPass(config, self.objective, self.accelerator, self._logprobs, self.needs_reference)
         self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
@@ -312,46 +312,9 @@ class Trainer:
         return {"critic/returns_mean": float(ret_mean), "critic/returns_std": float(ret_var.sqrt()),
                 "critic/explained_variance": float(explained_variance(ret_var, residual_var))}
 
-    @torch.no_grad()
     def record_behaviour(self, rollout: RolloutBatch) -> dict[str, float]:
-        """No-grad passes after generation: behaviour log-probs (and sparse support), reference log-probs."""
-        cfg = self.config.train
-        needs = self.objective.needs
-        # another engine sampled: the trainer's own log-probs are the behaviour policy the IS weights correct to
-        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1 or rollout.sampler_logprobs is not None
-        kl_in_reward = self.config.advantage.kl_in_reward > 0
-        behaviour_pass = off_policy or kl_in_reward or "support" in needs
-        old, supports, ref, values = [], [], [], []
-        for idx in split_indices(len(rollout), cfg.micro_batch_size):
-            micro = rollout.select(idx)
-            if behaviour_pass:
-                stats = self._logprobs(self.model, micro, record_support="support" in needs)
-                old.append(stats["logprobs"])
-                supports.append(stats.get("old_support"))
-            if self.needs_reference:
-                ref.append(self._reference_logprobs(micro))
-            if self.critic is not None:
-                values.append(completion_values(self.critic, micro.prompt_ids, micro.prompt_mask,
-                                                micro.completion_ids, micro.completion_mask))
-        # On-policy without a support, old log-probs are the current ones, detached (policy_batch).
-        rollout.old_logprobs = torch.cat(old) if (off_policy or kl_in_reward) else None
-        rollout.old_values = torch.cat(values) if values else None
-        rollout.ref_logprobs = torch.cat(ref) if ref else None
-        if "support" in needs:
-            rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
-        metrics = mask_nonfinite(rollout, self.accelerator)
-        if rollout.sampler_logprobs is not None:
-            rollout.is_weights, is_metrics = importance_weights(
-                rollout.old_logprobs, rollout.sampler_logprobs, rollout.completion_mask, self.config.rollout.is_mode,
-                self.config.rollout.is_cap, reduce=ProcessReducer(self.accelerator))  # [N, T]
-            metrics.update(is_metrics)
-        return metrics
-
-    def _reference_logprobs(self, micro: RolloutBatch) -> Tensor:
-        if self.ref_model is not None:
-            return self._logprobs(self.ref_model, micro)["logprobs"]
-        with unwrap(self.model).disable_adapter():  # LoRA: the base model is the reference
-            return self._logprobs(self.model, micro)["logprobs"]
+        """No-grad passes after generation (rlclip/behaviour.py): behaviour, reference and value estimates."""
+        return self.behaviour.record(rollout, self.model, self.ref_model, self.critic)
 
     def _logprobs(self, model: torch.nn.Module, micro: RolloutBatch, need_entropy: bool = False,
                   record_support: bool = False, with_support: bool = False,
@@ -420,7 +383,7 @@ class Trainer:
                     (self.in_backward or self.layout).backward(self.model, loss * acc.num_processes)
                     policy_metrics.add(out, weight)
                 if self.critic is not None:
-                    value_out = self.value_loss(micro, value_tokens)
+                    value_out = value_loss(self.critic, micro, value_tokens, self.config.critic.value_clip)
                     self.layout.backward(self.critic, value_out.loss * self.config.critic.vf_coef * acc.num_processes)
                     critic_metrics.add(value_out, weight)
         result = {**policy_metrics.reduce(acc), **critic_metrics.reduce(acc)} if self.critic else policy_metrics.reduce(acc)
@@ -464,16 +427,6 @@ class Trainer:
         detached = replace(batch, logprobs=batch.logprobs.detach(),
                            entropy=None if batch.entropy is None else batch.entropy.detach())
         return self.objective.step_statistics(detached, ProcessReducer(self.accelerator))
-
-    def value_loss(self, micro: RolloutBatch, num_tokens: Tensor) -> ObjectiveOutput:
-        """Clipped value loss, token mean over the global token count."""
-        values = completion_values(self.critic, micro.prompt_ids, micro.prompt_mask, micro.completion_ids,
-                                   micro.completion_mask)  # [b, T]
-        per_token, clipped = clipped_value_loss(values, micro.old_values, micro.returns, self.config.critic.value_clip)
-        mask = micro.completion_mask.to(values.dtype)
-        return ObjectiveOutput(loss=aggregate(per_token, mask, "token_mean", num_tokens),
-                               metrics={"value_clip_frac": masked_mean(clipped.to(values.dtype), mask),
-                                        "values_mean": masked_mean(values.detach(), mask)})
 
     def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor,
                      num_sequences: Tensor) -> tuple[PolicyBatch, Tensor | None]:

@@ -57,7 +57,7 @@ def assert_one_line_error(proc, *needles):
     (["--trian.learning_rate", "1"], ["trian"]),
     (["--max_steps", "many"], ["max_steps must be an integer", "'many'"]),
     (["--max_steps", "-3"], ["max_steps must be >= 1", "-3"]),
-    (["--data.limit", "0"], ["is empty"]),
+    (["--data.limit", "0"], ["data.limit must be >= 1", "got 0"]),
     (["--train.mini_batches", "3"], ["mini_batches=3 does not divide"]),
     (["--max_steps"], ["has no value"]),
     (["--reward.funcs.0.weight", "0"], ["invalid config override", "reward.funcs"]),

@@ -355,10 +355,10 @@ WIRED = "build_generator" in (ROOT / "rlclip/trainer.py").read_text()
 @pytest.mark.skipif(not WIRED, reason="rlclip.trainer does not use rlclip.generation yet (the lead wires it)")
 def test_trainer_with_the_fake_engine_syncs_after_each_rollout_and_logs_the_correction(tmp_path, fake_vllm,
                                                                                        monkeypatch):
-    import rlclip.config
+    import rlclip.config.validation
     from rlclip.trainer import Trainer
 
-    monkeypatch.setattr(rlclip.config, "check_backend_installed", lambda backend: None)
+    monkeypatch.setattr(rlclip.config.validation, "check_backend_installed", lambda backend: None)
     config = tiny_config(tmp_path, "max_steps=8", "save_steps=0", "rollout.backend=vllm_colocate",
                          "rollout.prompts_per_step=2", "rollout.group_size=4")
     trainer = Trainer(config)

@@ -1,4 +1,4 @@
-"""Gradient clippers (rlclip/grad_clip.py) against hand-computed sequences of gradient norms.
+"""Gradient clippers (rlclip/grad_clip/) against hand-computed sequences of gradient norms.
 
 Each sequence has a spike and a NaN step. A NaN step follows the trainer's
 contract: ``measure`` returns NaN, ``apply`` is not called (the non-finite

@@ -36,7 +36,7 @@ def test_every_config_field_has_a_docstring():
     import ast
     import inspect
 
-    import rlclip.config as module
+    import rlclip.config.schema as module
 
     tree = ast.parse(inspect.getsource(module))
     for node in tree.body:

@@ -7,7 +7,7 @@ Examples::
 
 Also runnable as ``python -m rlclip.eval.cli ...``. Bad input prints one line to
 stderr naming the problem and the fix, and exits with status 2 (``--debug`` adds
-the traceback); the handling is :mod:`rlclip.cli`'s.
+the traceback); the handling is :mod:`rlclip.cli_common`'s.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(argv: list[str]) -> int:
-    """Run ``rlclip eval`` with ``argv``; bad input raises RlclipError (one line, see :mod:`rlclip.cli`)."""
+    """Run ``rlclip eval`` with ``argv``; bad input raises RlclipError (one line, see :mod:`rlclip.cli_common`)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help
@@ -102,9 +102,10 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``rlclip eval`` with ``argv``; 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
-    from rlclip.cli import main as rlclip_main
+    from rlclip.cli_common import DEBUG_FLAG, run_command
 
-    return rlclip_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("eval", run, [arg for arg in argv if arg != DEBUG_FLAG], DEBUG_FLAG in argv)
 
 
 if __name__ == "__main__":
