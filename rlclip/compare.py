@@ -17,7 +17,9 @@ its first checkpoint starts again. Under ``accelerate launch`` every run uses
 all processes. At the end ``DIR/report.md`` holds, per objective, the mean
 final accuracy with a 95% bootstrap interval that resamples seeds and, within
 each seed, the held-out problems (so few problems give honestly wide
-intervals), says which intervals overlap, and has the curves of ``rlclip report``.
+intervals), says which intervals overlap, then the paired differences between
+objectives on the same problems and seeds (``rlclip.bootstrap``), and has the
+curves of ``rlclip report``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlclip.bootstrap import BOOTSTRAP_SAMPLES, bootstrap_interval, paired_comparisons
 from rlclip.errors import ConfigError
 
 RESULT_NAME = "compare_result.json"
-BOOTSTRAP_SAMPLES = 10_000
 IGNORED_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
 """Config fields that may differ between a run's first start and its resumption."""
 
@@ -192,31 +194,6 @@ def train_run(cfg: Any, state: str, train_records: list[dict[str, Any]] | None) 
     return result, trainer
 
 
-def bootstrap_interval(per_seed: list[list[float]], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float, float]:
-    """Mean accuracy over seeds and its percentile bootstrap interval.
-
-    Each bootstrap sample draws the seeds with replacement and, for each drawn
-    seed, its problems with replacement (a two-level bootstrap), so both the
-    seed-to-seed spread and the finite held-out set widen the interval.
-    """
-    import numpy as np
-
-    if not per_seed or any(len(c) == 0 for c in per_seed):
-        raise ConfigError("a run has no held-out outcomes; set eval.limit >= 1")
-    rng = np.random.default_rng(seed)
-    mean = float(np.mean([np.mean(c) for c in per_seed]))
-    picks = rng.integers(0, len(per_seed), size=(samples, len(per_seed)))  # [B, S]
-    seed_means = np.empty((samples, len(per_seed)))  # [B, S]
-    for s, outcomes in enumerate(per_seed):
-        values = np.asarray(outcomes, dtype=float)
-        resampled = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)  # [B]
-        seed_means[:, s] = resampled
-    stats = np.take_along_axis(seed_means, picks, axis=1).mean(axis=1)  # [B]
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return mean, float(low), float(high)
-
-
 def summarize(results: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
     """Per objective spec (in ``labels`` order): seeds, per-seed accuracy, mean and 95% interval."""
     rows = []
@@ -238,8 +215,9 @@ def overlap_sentences(rows: list[dict[str, Any]]) -> list[str]:
         return ["Only one objective: nothing to compare."]
     if not apart:
         return [f"Every pair of intervals overlaps: with {rows[0]['problems']} held-out problems and "
-                f"{len(rows[0]['seeds'])} seed(s) this sweep does not separate the objectives. More seeds, more "
-                "held-out problems (eval.limit) or more steps would narrow the intervals."]
+                f"{len(rows[0]['seeds'])} seed(s) these separate intervals do not separate the objectives (the paired "
+                "differences below are the sharper test). More seeds, more held-out problems (eval.limit) or more "
+                "steps would narrow the intervals."]
     lines = []
     for a, b in apart:
         hi, lo = (a, b) if a["mean"] > b["mean"] else (b, a)
@@ -262,18 +240,74 @@ def compare_markdown(rows: list[dict[str, Any]], base_accuracy: float | None = N
     return lines + [""] + overlap_sentences(rows) + [""]
 
 
+def _points(value: float) -> str:
+    """A difference in percentage points, signed (``+7.5``, ``-2.5``; ``0.0`` without a sign)."""
+    text = f"{100 * value:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
+
+
+def _p(row: dict[str, Any]) -> str:
+    return f"< {2 / row['samples']:.1g}" if row["p_value"] == 0 else f"{row['p_value']:.3g}"
+
+
+def paired_sentences(paired: list[dict[str, Any]], refused: list[dict[str, Any]]) -> list[str]:
+    """What the paired differences separate, what they do not, and the pairs that could not be paired."""
+    lines = []
+    for row in paired:
+        if row["excludes_zero"]:
+            hi, lo = (row["a"], row["b"]) if row["diff_mean"] > 0 else (row["b"], row["a"])
+            lines.append(f"`{hi}` is above `{lo}` on the same problems and seeds: `{row['a']}` - `{row['b']}` is "
+                         f"{_points(row['diff_mean'])} points, 95% interval [{_points(row['ci_low'])}, "
+                         f"{_points(row['ci_high'])}], p = {_p(row)}.")
+    close = [f"`{row['a']}` vs `{row['b']}`" for row in paired if not row["excludes_zero"]]
+    if paired and len(close) == len(paired):
+        lines.append(f"No paired interval excludes 0: with {paired[0]['n_problems']} held-out problems and "
+                     f"{paired[0]['n_seeds']} seed(s) this sweep does not separate any two objectives, even on the "
+                     "same problems and seeds; do not read a ranking into the means.")
+    elif close:
+        lines.append(f"Not separated (the interval contains 0): {', '.join(close)}; on these problems and seeds the "
+                     "sweep cannot tell them apart.")
+    if len(paired) > 1:
+        lines.append(f"{len(paired)} pairs, no correction for multiple comparisons: a pair with no true difference "
+                     "still excludes 0 about one time in 20.")
+    return lines + [f"Not paired: {row['reason']}." for row in refused]
+
+
+def paired_markdown(paired: list[dict[str, Any]], refused: list[dict[str, Any]]) -> list[str]:
+    """The paired-difference section of report.md (nothing with fewer than two objectives)."""
+    if not paired and not refused:
+        return []
+    lines = ["## Paired differences", "",
+             "Accuracy of `a` minus `b` (percentage points) on the same held-out problems and seeds: the bootstrap "
+             "above applied to the per-(seed, problem) differences, so each draw picks the same seeds and problems "
+             "for both objectives and what they share (hard problems, a lucky seed) cancels. Every objective "
+             "against the first listed, then the other pairs. p: two-sided bootstrap p-value.", ""]
+    if paired:
+        lines += ["| a - b | seeds | problems | only a right | only b right | difference | 95% interval | p "
+                  "| excludes 0 |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in paired:
+            lines.append(f"| `{row['a']}` - `{row['b']}` | {row['n_seeds']} | {row['n_problems']} | {row['a_only']} "
+                         f"| {row['b_only']} | {_points(row['diff_mean'])} | [{_points(row['ci_low'])}, "
+                         f"{_points(row['ci_high'])}] | {_p(row)} | {'yes' if row['excludes_zero'] else 'no'} |")
+        lines.append("")
+    return lines + paired_sentences(paired, refused) + [""]
+
+
 def write_compare_report(out: Path, runs: list[PlannedRun], results: list[dict[str, Any]],
                          base_accuracy: float | None = None) -> Path:
-    """``out/report.md`` (the interval table first, then ``rlclip report``'s curves and table) and ``out/compare.json``."""
+    """``out/report.md`` (the interval table, the paired differences, then ``rlclip report``'s curves and table) and
+    ``out/compare.json`` (``objectives``, ``paired``, ``paired_refused``, ``runs``, ``base_accuracy``)."""
     from rlclip.report import write_report
 
     labels = list(dict.fromkeys(r.label for r in runs))
     rows = summarize(results, labels)
+    paired, refused = paired_comparisons(results, labels)
     report = write_report([str(r.directory) for r in runs], out)
     body = report.read_text().split("\n", 1)[1]
-    report.write_text("\n".join(["# rlclip compare", "", *compare_markdown(rows, base_accuracy)]) + body)
-    (out / "compare.json").write_text(json.dumps({"objectives": rows, "runs": results,
-                                                  "base_accuracy": base_accuracy}, indent=2))
+    head = ["# rlclip compare", "", *compare_markdown(rows, base_accuracy), *paired_markdown(paired, refused)]
+    report.write_text("\n".join(head) + body)
+    (out / "compare.json").write_text(json.dumps({"objectives": rows, "paired": paired, "paired_refused": refused,
+                                                  "runs": results, "base_accuracy": base_accuracy}, indent=2))
     return report
 
 

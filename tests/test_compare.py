@@ -72,7 +72,8 @@ def test_overlap_is_stated_honestly():
     row = {"problems": 40, "seeds": [0, 1]}
     close = [{"label": "a", "mean": 0.5, "low": 0.4, "high": 0.6, **row},
              {"label": "b", "mean": 0.55, "low": 0.45, "high": 0.65, **row}]
-    assert "does not separate the objectives" in overlap_sentences(close)[0]
+    assert "these separate intervals do not separate the objectives (the paired differences below" in \
+        overlap_sentences(close)[0]
     apart = close + [{"label": "c", "mean": 0.9, "low": 0.8, "high": 0.95, **row}]
     lines = overlap_sentences(apart)
     assert lines[:2] == ["`c` is above `a`: their intervals do not overlap.",
@@ -144,8 +145,12 @@ def test_sweep_interrupted_and_resumed_writes_intervals_and_curves(tmp_path, mon
     assert [row["label"] for row in summary["objectives"]] == ["ratio_clip", "pspo"]
     for row in summary["objectives"]:
         assert row["seeds"] == [0, 1] and row["problems"] == 4 and row["low"] <= row["mean"] <= row["high"]
+    (paired,) = summary["paired"]  # same problems and seeds: paired, the later objective minus the first
+    assert (paired["a"], paired["b"], paired["n_seeds"], paired["n_problems"]) == ("pspo", "ratio_clip", 2, 4)
+    assert paired["ci_low"] <= paired["diff_mean"] <= paired["ci_high"] and summary["paired_refused"] == []
     report = (tmp_path / "report.md").read_text()
     assert "| objective | seeds | problems | accuracy per seed | mean | 95% interval |" in report
+    assert "## Paired differences" in report and "| `pspo` - `ratio_clip` | 2 | 4 |" in report
     assert "overlap" in report and "![held-out accuracy](eval_accuracy.png)" in report
     for png in ["reward", "eval_accuracy", "kl", "trust", "length", "grad_norm"]:
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
