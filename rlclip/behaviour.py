@@ -1,12 +1,33 @@
-"""The no-grad passes between generation and the update: behaviour, reference and value estimates.
+"""The stage between sampling and the update: pi_prox, reference and value estimates, rollout correction.
 
-After a rollout is scored, each objective's ratio needs the log-probs of the
-policy it is taken against (pi_old, recorded once per rollout), TROLL needs the
-old policy's sparse support, a KL penalty needs the reference model's log-probs
-and PPO mode needs the critic's values. This stage computes exactly what the
-objective and the config ask for, in micro-batches, then masks non-finite
-tokens out and, where another engine sampled (vLLM), computes the
-importance weights pi_old / mu (rlclip/is_correction.py).
+Three policies meet in an off-policy update (docs/offpolicy.md): mu, the
+sampler (``RolloutBatch.sampler_logprobs``: a stale copy of the weights, another
+engine, or both); pi_prox, the policy the objective's ratio is taken against
+(``old_logprobs``); and pi_theta, the policy being trained. ``rollout.proximal``
+says how pi_prox is obtained:
+
+- ``recompute``: a no-grad pass of the trainer at train time (the default; with
+  a fresh rollout from the trainer itself this is the PPO/GRPO behaviour policy);
+- ``bypass``: pi_prox := mu, no pass (verl's bypass mode): one forward per
+  rollout saved, the ratio pi_theta / mu carries the whole off-policy gap;
+- ``loglinear``: A-3PO (arXiv 2512.06547; AReaL ``areal/trainer/ppo/actor.py``
+  ``compute_prox_logp_approximations``, lines 604-677 at 4aef98d):
+  log pi_prox = log mu + alpha * (log pi_theta - log mu), pi_theta detached, with
+  alpha = (v_prox - v_mu) / (v_theta - v_mu) from the policy versions. Here the
+  rollout is trained at version n = v_prox with lag k = n - v_mu, and pi_theta is
+  the version being made (v_theta = n + 1), so alpha = k / (k + 1): no forward
+  pass, pi_prox moves from mu (k = 0) towards pi_theta as the data age.
+
+Where the sampler is not the trainer's current policy (a vLLM backend,
+staleness > 0, or a proximal other than recompute) the weight pi_prox / mu goes
+through the rollout correction (rlclip/is_correction.py) and multiplies each
+objective's per-token loss (``PolicyBatch.token_weights``). So ``ratio_clip``
+with token IS at staleness k is AReaL's decoupled PPO (arXiv 2505.24298).
+
+TROLL also needs the old policy's sparse support, a KL penalty the reference
+model's log-probs and PPO mode the critic's values: this stage computes exactly
+what the objective and the config ask for, in micro-batches, and masks
+non-finite tokens out.
 """
 
 from __future__ import annotations
@@ -18,6 +39,7 @@ from rlclip.critic import completion_values
 from rlclip.guard import mask_nonfinite
 from rlclip.is_correction import importance_weights
 from rlclip.lazy import torch
+from rlclip.objectives.base import Reducer
 from rlclip.policy import unwrap
 from rlclip.utils import ProcessReducer, split_indices
 
@@ -43,6 +65,10 @@ class BehaviourPass:
                  needs_reference: bool) -> None:
         self.config, self.objective, self.accelerator = config, objective, accelerator
         self.logprobs, self.needs_reference = logprobs, needs_reference
+        rollout = config.rollout
+        self.proximal = rollout.proximal
+        # the sampler is the trainer's current policy only with hf, no lag and a recomputed pi_prox
+        self.corrects = rollout.backend != "hf" or rollout.staleness > 0 or rollout.proximal != "recompute"
 
     def old_logprobs_needed(self, rollout: RolloutBatch) -> bool:
         """Whether pi_old differs from the current policy at update time, or the reward needs it.
@@ -51,7 +77,7 @@ class BehaviourPass:
         current policy, and the objective gets ``logprobs.detach()`` of the update's own forward.
         """
         cfg = self.config.train
-        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1 or rollout.sampler_logprobs is not None
+        off_policy = cfg.num_iterations > 1 or cfg.mini_batches > 1 or self.corrects
         return off_policy or self.config.advantage.kl_in_reward > 0
 
     @torch.no_grad()
@@ -60,7 +86,8 @@ class BehaviourPass:
         """Fill the rollout's behaviour fields; returns ``behaviour/...`` and ``rollout/...`` metrics."""
         record_support = "support" in self.objective.needs
         keep_old = self.old_logprobs_needed(rollout)
-        behaviour_pass = keep_old or record_support  # TROLL records the old top set even on-policy
+        recompute = self.proximal == "recompute"
+        behaviour_pass = (keep_old and recompute) or record_support  # TROLL records the old top set even on-policy
         old, supports, ref, values = [], [], [], []
         for idx in split_indices(len(rollout), self.config.train.micro_batch_size):
             micro = rollout.select(idx)
@@ -73,18 +100,36 @@ class BehaviourPass:
             if critic is not None:
                 values.append(completion_values(critic, micro.prompt_ids, micro.prompt_mask,
                                                 micro.completion_ids, micro.completion_mask))  # [b, T]
-        rollout.old_logprobs = torch.cat(old) if keep_old else None  # [N, T]; None: the current policy, detached
+        # [N, T]; None: the current policy, detached (on-policy), or A-3PO's pi_prox made at update time
+        rollout.old_logprobs = torch.cat(old) if keep_old and recompute else \
+            rollout.sampler_logprobs.clone() if self.proximal == "bypass" else None
         rollout.old_values = torch.cat(values) if values else None
         rollout.ref_logprobs = torch.cat(ref) if ref else None
         if record_support:
             rollout.old_support = {k: torch.cat([s[k] for s in supports]) for k in supports[0]}
         metrics = mask_nonfinite(rollout, self.accelerator)
-        if rollout.sampler_logprobs is not None:
-            rollout.is_weights, is_metrics = importance_weights(
-                rollout.old_logprobs, rollout.sampler_logprobs, rollout.completion_mask, self.config.rollout.is_mode,
-                self.config.rollout.is_cap, reduce=ProcessReducer(self.accelerator))  # [N, T]
-            metrics.update(is_metrics)
+        if self.corrects and self.proximal != "loglinear":
+            metrics.update(self.correct(rollout, rollout.old_logprobs, ProcessReducer(self.accelerator)))
         return metrics
+
+    def correct(self, batch: Any, prox_logprobs: Tensor, reduce: Any) -> dict[str, float]:
+        """pi_prox / mu through the rollout correction: sets ``batch.is_weights`` (and drops rejected tokens)."""
+        r = self.config.rollout
+        batch.is_weights, metrics = importance_weights(
+            prox_logprobs, batch.sampler_logprobs, batch.completion_mask, r.is_mode, r.is_cap, reduce=reduce)  # [N, T]
+        return metrics
+
+    def loglinear(self, micro: RolloutBatch, logprobs: Tensor, version: int) -> Tensor:
+        """A-3PO's pi_prox ``[b, T]`` from the update's own log-probs; sets ``micro.is_weights`` (pi_prox / mu).
+
+        ``version``: the policy version being trained (the rollouts consumed so far).
+        """
+        lag = version - micro.policy_version
+        alpha = lag / (lag + 1)
+        sampler = micro.sampler_logprobs  # [b, T]
+        prox = sampler + alpha * (logprobs.detach() - sampler)  # [b, T]
+        self.correct(micro, prox, Reducer())  # rows are whole responses: token and sequence modes are row-local
+        return prox
 
     def reference_logprobs(self, micro: RolloutBatch, model: nn.Module, ref_model: nn.Module | None) -> Tensor:
         """log pi_ref of ``micro``'s tokens: the frozen reference, or with LoRA the base model (adapters off)."""

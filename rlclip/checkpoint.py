@@ -335,16 +335,23 @@ class Checkpointer:
 
 def save_run(trainer: Any) -> Path:
     """A running Trainer's ``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper,
-    guard and entropy-coefficient state, and an unfinished rollout when a signal cut it short."""
+    guard and entropy-coefficient state, an unfinished rollout when a signal cut it short, and the
+    rollouts waiting in the staleness queue."""
     state = {"rollout_index": trainer.rollout_index, "guard": trainer.guard.state_dict(),
              "entropy_bonus": trainer.entropy_bonus.state_dict(),
              "num_processes": trainer.accelerator.num_processes, "extras": ["clipper"]}
-    per_process = None
+    per_process = {}
     if trainer.pending is not None:
         rollout, rollout_metrics, done = trainer.pending
-        state.update(update_position=done, extras=["clipper", "rollout"])
-        per_process = {"rollout": {"batch": rollout, "metrics": rollout_metrics}}
-    return trainer.checkpointer.save(trainer.step, state, {"clipper": trainer.clipper.state_dict()}, per_process)
+        state.update(update_position=done)
+        per_process["rollout"] = {"batch": rollout, "metrics": rollout_metrics}
+    queue = trainer.queue.state_dict()  # rollouts sampled but not yet trained on (rollout.staleness > 0)
+    state["sampled"] = queue["sampled"]
+    if queue["waiting"]:
+        per_process["queue"] = queue
+    state["extras"] = ["clipper", *per_process]
+    return trainer.checkpointer.save(trainer.step, state, {"clipper": trainer.clipper.state_dict()},
+                                     per_process or None)
 
 
 def resume_run(trainer: Any) -> None:
@@ -364,6 +371,9 @@ def resume_run(trainer: Any) -> None:
     if "update_position" in state:
         saved = read("rollout")
         trainer.pending = (saved["batch"], saved["metrics"], int(state["update_position"]))
+    queue = read("queue") if "queue" in state.get("extras", []) else None
+    sampled = int(state.get("sampled", trainer.rollout_index + (trainer.pending is not None)))
+    trainer.queue.load_state_dict(queue or {"waiting": [], "sampled": sampled})
     saved_world = state.get("num_processes", trainer.accelerator.num_processes)
     if saved_world != trainer.accelerator.num_processes:
         trainer._say(f"{path.name} was written by {saved_world} processes and resumes on "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,8 @@ from rlclip.rewards import resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts
 from rlclip.run_log import RunLog
 from rlclip.scoring import score_rollout
+from rlclip.staleness import RolloutQueue, staleness_metrics
+from rlclip.step_statistics import own_step_statistics, whole_step_statistics
 from rlclip.telemetry import TrustTelemetry
 from rlclip.types import PolicyBatch, RolloutBatch
 from rlclip.utils import (
@@ -141,6 +142,7 @@ class Trainer:
         self.step = 0
         self.rollout_index = 0
         self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
+        self.queue = RolloutQueue(config.rollout.staleness, self.sample)
         self.stopped_by: str | None = None  # the signal that stopped train() early
         self.run_log = RunLog(self.accelerator, self.output_dir)
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model,
@@ -232,19 +234,33 @@ class Trainer:
         return history
 
     def rollout(self) -> tuple[RolloutBatch, dict[str, float], int]:
-        """rollout -> reward -> behaviour log-probs -> advantage: a scored batch and its metrics."""
+        """The next rollout to train on, prepared: the queue's oldest (``rollout.staleness`` versions old)."""
         start = time.perf_counter()
-        rollout = self.generate(self.next_prompts())
+        rollout, metrics = self.queue.pop()  # samples with the current weights first (rlclip/staleness.py)
+        metrics = {**metrics, **self.prepare(rollout)}
+        metrics["time/rollout_s"] = time.perf_counter() - start  # sampling the newest rollout + preparing this one
+        return rollout, metrics, 0
+
+    def sample(self, index: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """rollout -> reward: rollout number ``index`` sampled with the current weights, scored."""
+        rollout = self.generate(self.next_prompts(index))
+        rollout.policy_version = self.rollout_index
         self.release_memory()  # generation's caches and logits are freed: hand their pages back
         metrics = self.score(rollout)
         metrics["rollout/prompts_truncated"] = all_reduce(
             self.accelerator, torch.tensor(float(rollout.prompts_truncated), device=self.accelerator.device), "sum").item()
-        metrics.update(self.record_behaviour(rollout))
+        return rollout, metrics
+
+    def prepare(self, rollout: RolloutBatch) -> dict[str, float]:
+        """At train time: behaviour log-probs (pi_prox) and rollout correction, then the advantages."""
+        metrics = self.record_behaviour(rollout)
         metrics.update(self.estimate_advantages(rollout))
         largest = (rollout.advantages.abs() * rollout.completion_mask).max()  # 0: nothing to learn from
         self.zero_advantage.observe(bool(all_reduce(self.accelerator, largest, "max") == 0))
-        metrics["time/rollout_s"] = time.perf_counter() - start
-        return rollout, metrics, 0
+        if self.config.rollout.staleness:
+            metrics.update(staleness_metrics(self.rollout_index, rollout.policy_version,
+                                             ProcessReducer(self.accelerator), self.accelerator.device))
+        return metrics
 
     def _stop_gracefully(self, rollout: RolloutBatch, rollout_metrics: dict[str, float], done: int,
                          history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -260,11 +276,13 @@ class Trainer:
                   f"the same command plus --resume_from_checkpoint latest")
         return history
 
-    def next_prompts(self) -> list[dict[str, Any]]:
-        """This process's share of the next rollout's prompts (a seeded pass over the data)."""
+    def next_prompts(self, index: int | None = None) -> list[dict[str, Any]]:
+        """This process's share of rollout number ``index``'s prompts (a seeded pass over the data); None: the
+        next rollout to be sampled."""
         cfg, acc = self.config, self.accelerator
+        index = self.queue.sampled if index is None else index
         per_rollout = cfg.rollout.prompts_per_step * acc.num_processes
-        start = self.rollout_index * per_rollout + acc.process_index * cfg.rollout.prompts_per_step
+        start = index * per_rollout + acc.process_index * cfg.rollout.prompts_per_step
         orders: dict[int, Tensor] = {}  # one shuffle per epoch; a rollout spans at most a few
         picked = []
         for position in range(start, start + cfg.rollout.prompts_per_step):
@@ -372,7 +390,7 @@ class Trainer:
                 if train_policy:
                     batch, entropy = self.policy_batch(micro, num_tokens, num_sequences)
                     batch.step_stats = rows_of(step_stats, idx, len(mini_batch)) if step_stats else \
-                        self._own_step_statistics(batch, single=len(chunks) == 1)
+                        own_step_statistics(self.objective, batch, len(chunks) == 1, ProcessReducer(acc))
                     out = self.objective(batch)
                     if self.telemetry is not None:
                         self.telemetry.observe(out.loss, batch, self.objective)
@@ -400,33 +418,20 @@ class Trainer:
 
     def step_statistics(self, mini_batch: RolloutBatch, chunks: list[Tensor], num_tokens: Tensor,
                         num_sequences: Tensor) -> dict[str, Tensor] | None:
-        """The objective's step statistics from a no-grad pass over the whole mini-batch.
-
-        Only needed with several micro-batches: a single micro-batch computes
-        them from its own forward pass (``_own_step_statistics``).
-        """
-        step_needs = self.objective.step_needs
-        if not step_needs or len(chunks) == 1:
+        """The objective's statistics of the whole optimizer step (rlclip/step_statistics.py)."""
+        if not self.objective.step_needs or len(chunks) == 1:  # one micro-batch: its own forward gives them
             return None
         with torch.no_grad():
-            parts = [self._logprobs(self.model, mini_batch.select(idx), need_entropy="entropy" in step_needs)
-                     for idx in chunks]
-        logprobs = torch.cat([p["logprobs"] for p in parts])  # [b, T]
-        batch = PolicyBatch(
-            logprobs=logprobs, old_logprobs=mini_batch.old_logprobs if mini_batch.old_logprobs is not None
-            else logprobs, advantages=mini_batch.advantages, mask=mini_batch.completion_mask.to(logprobs.dtype),
-            ref_logprobs=mini_batch.ref_logprobs, num_tokens=num_tokens, num_sequences=num_sequences,
-            entropy=torch.cat([p["entropy"] for p in parts]) if "entropy" in step_needs else None,
-            truncated=mini_batch.truncated)
-        return self.objective.step_statistics(batch, ProcessReducer(self.accelerator))
+            parts = [self._logprobs(self.model, mini_batch.select(idx),
+                                    need_entropy="entropy" in self.objective.step_needs) for idx in chunks]
+        return whole_step_statistics(self.objective, mini_batch, parts, self._proximal, num_tokens, num_sequences,
+                                     ProcessReducer(self.accelerator))
 
-    def _own_step_statistics(self, batch: PolicyBatch, single: bool) -> dict[str, Tensor] | None:
-        """With one micro-batch per process its own (detached) inputs give the step statistics."""
-        if not (single and self.objective.step_needs):
-            return None
-        detached = replace(batch, logprobs=batch.logprobs.detach(),
-                           entropy=None if batch.entropy is None else batch.entropy.detach())
-        return self.objective.step_statistics(detached, ProcessReducer(self.accelerator))
+    def _proximal(self, micro: RolloutBatch, logprobs: Tensor) -> Tensor:
+        """log pi_prox ``[b, T]`` of ``micro``: recorded, A-3PO's interpolation, or (on-policy) ``logprobs`` detached."""
+        if self.behaviour.proximal == "loglinear":
+            return self.behaviour.loglinear(micro, logprobs, self.rollout_index)
+        return micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
 
     def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor,
                      num_sequences: Tensor) -> tuple[PolicyBatch, Tensor | None]:
@@ -440,7 +445,7 @@ class Trainer:
                                entropy_grad=bonus)
         entropy = stats.get("entropy")  # [b, T], with grad when bonus
         logprobs = stats["logprobs"]  # [b, T]
-        old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        old = self._proximal(micro, logprobs)  # [b, T]
         batch = PolicyBatch(
             logprobs=logprobs, old_logprobs=old, advantages=micro.advantages,
             mask=micro.completion_mask.to(logprobs.dtype), ref_logprobs=micro.ref_logprobs,

@@ -109,8 +109,11 @@ class RolloutBatch:
     prompts_truncated: int = 0
     """Prompts of this rollout cut from the left to ``rollout.max_prompt_length``."""
     sampler_logprobs: Tensor | None = None
-    """``[B, T]`` log-probs the sampler (a vLLM engine) gave the completion tokens; 0 off the mask, NaN where it
-    gave none. None: the training model sampled (``rollout.backend: hf``)."""
+    """``[B, T]`` log mu(a_t): the log-prob of each sampled token under the distribution it was drawn from, after
+    temperature, top-k and top-p (the HF decoding loop's, or vLLM's processed log-probs); 0 off the mask, NaN
+    where the sampler gave none. Filled by every backend (None only for a hand-built batch)."""
+    policy_version: int = 0
+    """The policy version that sampled this rollout (a version counts rollouts consumed; see rollout.staleness)."""
     is_weights: Tensor | None = None
     """``[B, T]`` importance-sampling weights of the sampler mismatch (rlclip/is_correction.py); None: 1."""
 

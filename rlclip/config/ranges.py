@@ -67,7 +67,7 @@ RANGES: dict[str, Range] = {
     "rollout.top_k": AT_LEAST_0, "rollout.max_prompt_length": AT_LEAST_1,
     "rollout.vllm_gpu_memory_utilization": UNIT_OPEN_LOW, "rollout.vllm_tensor_parallel_size": AT_LEAST_1,
     "rollout.vllm_server_port": Range(low=1, high=65535), "rollout.vllm_server_timeout": AT_LEAST_0,
-    "rollout.is_cap": POSITIVE,
+    "rollout.is_cap": POSITIVE, "rollout.is_floor": Range(low=0), "rollout.staleness": AT_LEAST_0,
     "advantage.eps": AT_LEAST_0, "advantage.gamma": UNIT, "advantage.lam": UNIT, "advantage.kl_in_reward": AT_LEAST_0,
     "critic.learning_rate": POSITIVE, "critic.weight_decay": AT_LEAST_0, "critic.max_grad_norm": AT_LEAST_0,
     "critic.value_clip": POSITIVE, "critic.vf_coef": AT_LEAST_0, "critic.warmup_steps": AT_LEAST_0,
@@ -94,6 +94,7 @@ UNBOUNDED: dict[str, str] = {  # numeric fields with no range, and why
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "rollout.prompt_overflow": ("truncate_left", "reject"),
+    "rollout.proximal": ("recompute", "bypass", "loglinear"),
     "reward.on_error": ("raise", "skip"),
     "advantage.name": ("grpo", "dr_grpo", "rloo", "gae"),
     "train.optimizer": ("adamw", "sgd"),

@@ -96,7 +96,17 @@ class RolloutConfig:
     is_mode: str = "sequence_mask"
     """vLLM backends: importance-sampling correction of the sampler / trainer log-prob mismatch: token_truncate, token_mask, sequence_truncate, sequence_mask (TRL's default) or none (docs/vllm.md)."""
     is_cap: float = 3.0
-    """vLLM backends: cap C of the importance ratio; truncate modes clip the ratio to C, mask modes zero the weight where it exceeds C (TRL's vllm_importance_sampling_clip_max)."""
+    """Cap C of the importance ratio pi_prox / mu; truncate modes clip the ratio to C, mask modes zero the weight where it exceeds C (TRL's vllm_importance_sampling_clip_max, verl's rollout_is_threshold). Applied whenever the sampler is not the trainer's current policy: a vLLM backend, staleness > 0 or proximal other than recompute (docs/offpolicy.md)."""
+    is_floor: float | None = None
+    """Lower bound of the importance ratio; None: none. Truncate modes raise the ratio to it; mask modes zero the weight below it, which with token_mask / sequence_mask is IcePop's band [is_floor, is_cap] (TRL's vllm_importance_sampling_clip_min, verl's rollout_is_threshold_lower)."""
+    is_batch_normalize: bool = False
+    """Self-normalised importance sampling (SNIS): divide the weights by their mean over the global batch (tokens for token modes, responses for sequence modes), after the cap (verl's rollout_is_batch_normalize)."""
+    rejection: list[dict[str, Any]] = field(default_factory=list)
+    """Rejection masks, applied in order: each ``{metric, lower, upper}`` drops the tokens (token_*) or whole responses (seq_*) whose log-ratio statistic log(pi_prox / mu) falls outside [lower, upper] (either bound may be null). metric: token_k1|token_k2|token_k3, seq_sum_k1..k3, seq_mean_k1..k3, seq_max_k2|seq_max_k3 (verl's rollout_rs names; docs/offpolicy.md)."""
+    staleness: int = 0
+    """Policy lag k: the update at policy version n trains on a rollout sampled by version n - k (a version counts rollouts consumed); 0 is synchronous. hf and vllm_colocate generate the next rollout with the current weights before training on the oldest, so the data equal an asynchronous pipeline with lag k, deterministically."""
+    proximal: str = "recompute"
+    """The policy pi_prox the objective's ratio is taken against: recompute (a no-grad pass at train time, the default), bypass (pi_prox := the sampler mu, no pass: verl's bypass mode) or loglinear (A-3PO: log pi_prox interpolated between mu and the current policy by policy versions)."""
 
 
 @dataclass

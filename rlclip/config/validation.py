@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+from typing import Any
 
 from rlclip.config.ranges import check_ranges
 from rlclip.config.schema import EntropyConfig, ModelConfig, RolloutConfig, TrainConfig
@@ -38,9 +39,29 @@ def validate(config: TrainConfig) -> None:
     _check_entropy(config.entropy)
     if not config.reward.funcs:
         raise ConfigError("reward.funcs is empty; give at least one reward function")
-    build_objective_from_config(config)
+    _check_offpolicy(config, build_objective_from_config(config))
     build_clipper_from_config(config)
     _check_in_backward(config)
+
+
+def _check_offpolicy(config: TrainConfig, objective: Any) -> None:
+    """What a pi_prox without a forward pass (bypass, loglinear) cannot give (docs/offpolicy.md)."""
+    rollout = config.rollout
+    if rollout.proximal == "recompute":
+        return
+    if "support" in objective.needs:
+        raise ConfigError(f"objective {config.objective.get('name')} needs the old policy's sparse support, which "
+                          f"only a forward pass gives; rollout.proximal: {rollout.proximal} skips it. Use "
+                          "rollout.proximal: recompute")
+    if rollout.proximal != "loglinear":
+        return
+    if rollout.is_batch_normalize or rollout.rejection:
+        raise ConfigError("rollout.proximal: loglinear makes pi_prox at each update step from that step's forward, "
+                          "so batch statistics (rollout.is_batch_normalize, rollout.rejection) are not defined before "
+                          "the update; use rollout.proximal: recompute or bypass, or drop them")
+    if config.advantage.kl_in_reward > 0:
+        raise ConfigError("advantage.kl_in_reward needs pi_prox when the rollout is scored, which "
+                          "rollout.proximal: loglinear only makes at update time; use recompute or bypass")
 
 
 def _check_in_backward(config: TrainConfig) -> None:
@@ -68,11 +89,12 @@ BACKENDS = ("hf", "vllm_colocate", "vllm_server")
 
 def _check_backend(rollout: RolloutConfig, model: ModelConfig) -> None:
     """The generation backend and its importance-sampling settings; a vLLM backend needs vllm installed."""
-    from rlclip.is_correction import check_is_settings
+    from rlclip.is_correction import check_correction_settings
 
     if rollout.backend not in BACKENDS:
         raise ConfigError(f"unknown rollout.backend {rollout.backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_is_settings(rollout.is_mode, rollout.is_cap)
+    check_correction_settings(rollout.is_mode, rollout.is_cap, rollout.is_floor, rollout.is_batch_normalize,
+                              rollout.rejection)
     if rollout.backend != "hf" and model.gguf_file:
         raise ConfigError(f"rollout.backend={rollout.backend} cannot load model.gguf_file; use rollout.backend: hf "
                           "or convert the model to safetensors")

@@ -1,0 +1,200 @@
+"""Controlled staleness (rlclip/staleness.py) and the proximal policies (rlclip/behaviour.py) on the tiny model.
+
+The reference for staleness k is built independently of the queue: a
+synchronous trainer (staleness 0, the loop that samples then trains) that keeps
+a snapshot of its weights at every policy version and samples rollout j with
+the snapshot of version max(0, j - k). Generation is the only consumer of the
+global random stream, so both runs draw the same numbers in the same order and
+must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+BASE = ("max_steps=8", "save_steps=0", "train.optimizer=sgd", "train.learning_rate=0.05",
+        "rollout.prompts_per_step=2", "rollout.group_size=4", "train.micro_batch_size=4", "train.mini_batches=1",
+        "rollout.max_new_tokens=8")
+
+
+def trainer_for(tmp_path, *overrides):
+    from rlclip.trainer import Trainer
+
+    return Trainer(tiny_config(tmp_path, *BASE, *overrides))
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def record_versions(trainer) -> list[dict[str, torch.Tensor]]:
+    """Snapshots of the weights at each policy version (taken as each rollout is prepared)."""
+    versions: list[dict[str, torch.Tensor]] = []
+    prepare = trainer.prepare
+
+    def prepare_and_record(rollout):
+        if len(versions) == trainer.rollout_index:
+            versions.append(weights(trainer))
+        return prepare(rollout)
+
+    trainer.prepare = prepare_and_record
+    return versions
+
+
+def synchronous_reference(tmp_path, k: int, *overrides):
+    """Staleness 0, sampling rollout j with the weights of version max(0, j - k); the correction on, as at k > 0."""
+    trainer = trainer_for(tmp_path, *overrides)
+    trainer.behaviour.corrects = True
+    versions = record_versions(trainer)
+    generate = trainer.generate
+
+    def generate_with_old_weights(records):
+        j = trainer.queue.sampled
+        version = max(0, j - k)
+        if len(versions) == trainer.rollout_index:  # the current version is sampled before it is prepared
+            versions.append(weights(trainer))
+        current = weights(trainer)
+        trainer.model.load_state_dict(versions[version])
+        try:
+            return generate(records)
+        finally:
+            trainer.model.load_state_dict(current)
+
+    trainer.generate = generate_with_old_weights
+    return trainer
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_staleness_k_equals_the_snapshot_reference_bit_for_bit(tmp_path, k):
+    stale = trainer_for(tmp_path / "stale", f"rollout.staleness={k}")
+    sampled_by = []
+    sample = stale.sample
+
+    def sample_and_note(index):
+        rollout, metrics = sample(index)
+        sampled_by.append((index, rollout.policy_version))
+        return rollout, metrics
+
+    stale.queue.sample = sample_and_note
+    history = stale.train()
+    reference = synchronous_reference(tmp_path / "reference", k)
+    reference.train()
+    assert_same_weights(weights(stale), weights(reference))
+    # rollout j was sampled by version max(0, j - k), and every update is k versions behind once the queue is full
+    assert sampled_by[:6] == [(j, max(0, j - k)) for j in range(6)]
+    per_rollout = stale._steps_per_rollout()
+    lags = [h["rollout/staleness_max"] for h in history[::per_rollout]]
+    assert lags == [min(n, k) for n in range(len(lags))]
+    assert len(stale.queue.waiting) == k  # sampled, never trained on
+
+
+def test_staleness_zero_samples_and_trains_in_turn(tmp_path):
+    trainer = trainer_for(tmp_path, "max_steps=4")
+    seen = []
+    sample = trainer.sample
+
+    def sample_and_note(index):
+        seen.append((index, trainer.rollout_index, len(trainer.queue.waiting)))
+        return sample(index)
+
+    trainer.queue.sample = sample_and_note
+    history = trainer.train()
+    assert seen == [(0, 0, 0), (1, 1, 0)]  # rollout j sampled by version j, with nothing waiting (2 steps each)
+    assert not trainer.behaviour.corrects and "rollout/staleness_mean" not in history[0]
+    assert not any(key.startswith("rollout/is_") for key in history[0])
+
+
+def test_staleness_zero_equals_a_reference_without_the_queue(tmp_path):
+    """k = 0 through the queue equals the snapshot reference at k = 0 with no correction: the plain loop."""
+    plain = trainer_for(tmp_path / "plain", "max_steps=6")
+    plain.train()
+    reference = synchronous_reference(tmp_path / "reference", 0, "max_steps=6")
+    reference.behaviour.corrects = False
+    reference.train()
+    assert_same_weights(weights(plain), weights(reference))
+
+
+def test_resume_in_the_middle_of_the_queue_is_bit_identical(tmp_path):
+    straight = trainer_for(tmp_path / "straight", "rollout.staleness=2")
+    straight.train()
+    first = trainer_for(tmp_path / "resumed", "rollout.staleness=2", "max_steps=4", "save_steps=4")
+    first.train()
+    assert len(first.queue.waiting) == 2
+    state = json.loads((tmp_path / "resumed/checkpoint-4/trainer_state.json").read_text())
+    assert "queue" in state["extras"] and state["sampled"] == 4
+    resumed = trainer_for(tmp_path / "resumed", "rollout.staleness=2", "resume_from_checkpoint=latest")
+    resumed.train()
+    assert_same_weights(weights(straight), weights(resumed))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def count_behaviour_forwards(trainer) -> list[int]:
+    calls = [0]
+    logprobs = trainer.behaviour.logprobs
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return logprobs(*args, **kwargs)
+
+    trainer.behaviour.logprobs = counting
+    return calls
+
+
+def test_bypass_runs_no_behaviour_forward_and_takes_the_ratio_against_the_sampler(tmp_path):
+    bypass = trainer_for(tmp_path / "bypass", "rollout.proximal=bypass", "rollout.staleness=1", "max_steps=4")
+    calls = count_behaviour_forwards(bypass)
+    rollout, _ = bypass.queue.pop()
+    bypass.prepare(rollout)
+    assert calls == [0]
+    assert torch.equal(rollout.old_logprobs, rollout.sampler_logprobs)
+    mask = rollout.completion_mask.bool()
+    assert torch.equal(rollout.is_weights[mask], torch.ones_like(rollout.is_weights[mask]))  # pi_prox / mu = 1
+    recompute = trainer_for(tmp_path / "recompute", "rollout.staleness=1", "max_steps=4")
+    calls = count_behaviour_forwards(recompute)
+    rollout, _ = recompute.queue.pop()
+    recompute.prepare(rollout)
+    assert calls == [2]  # one no-grad pass over the rollout's 8 sequences, in micro-batches of 4
+    bypass.train()
+
+
+def test_loglinear_interpolates_between_sampler_and_current_policy_by_versions(tmp_path):
+    """A-3PO: log pi_prox = log mu + alpha (log pi_theta - log mu), alpha = k / (k + 1) (AReaL actor.py l.640-667)."""
+    trainer = trainer_for(tmp_path, "rollout.proximal=loglinear", "rollout.staleness=2", "max_steps=2")
+    rollout, _ = trainer.queue.pop()
+    trainer.prepare(rollout)
+    assert rollout.old_logprobs is None  # no forward pass: pi_prox is made at update time
+    micro = copy.copy(rollout)
+    current = torch.full_like(rollout.sampler_logprobs, -1.0)
+    for lag, alpha in [(0, 0.0), (1, 0.5), (2, 2 / 3)]:
+        micro.policy_version = trainer.rollout_index - lag
+        prox = trainer.behaviour.loglinear(micro, current, trainer.rollout_index)
+        torch.testing.assert_close(prox, rollout.sampler_logprobs + alpha * (current - rollout.sampler_logprobs),
+                                   rtol=0, atol=0)
+    trainer.train()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.proximal=bypass", "objective.name=troll"], "needs the old policy's sparse support"),
+    (["rollout.proximal=loglinear", "rollout.is_batch_normalize=true"], "batch statistics"),
+    (["rollout.proximal=loglinear", "advantage.kl_in_reward=0.1"], "kl_in_reward"),
+    (["rollout.proximal=sometimes"], "unknown rollout.proximal 'sometimes'; choose recompute, bypass or loglinear"),
+    (["rollout.staleness=-1"], "rollout.staleness must be >= 0, got -1"),
+])
+def test_offpolicy_settings_that_cannot_work_are_refused(tmp_path, overrides, message):
+    from rlclip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(tmp_path, *overrides)
