@@ -30,7 +30,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,15 @@ class PlannedRun:
     objective: dict[str, Any]
     seed: int
     directory: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Other sections' settings of this spec (``rollout.is_mode=token_truncate``), dotted."""
 
 
 def parse_objectives(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``"ratio_clip,troll:kl_bound=0.1"`` -> ``[("ratio_clip", {}), ("troll", {"kl_bound": 0.1})]``."""
+    """``"ratio_clip,troll:kl_bound=0.1"`` -> ``[("ratio_clip", {}), ("troll", {"kl_bound": 0.1})]``.
+
+    A dotted key sets another section for that spec's runs (``ratio_clip:rollout.is_mode=token_truncate``):
+    one objective under several rollout corrections is several specs."""
     import yaml
 
     specs = []
@@ -96,7 +101,7 @@ def spec_label(name: str, settings: dict[str, Any]) -> str:
 
 def objective_settings(recipe_objective: dict[str, Any], name: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The objective section of one run: the recipe's settings if it names the same objective, else only the
-    settings every objective shares; then the spec's own settings."""
+    settings every objective shares; then the spec's own settings (its dotted keys are not the objective's)."""
     from rlclip.objectives import Objective
     from rlclip.objectives.base import objective_parameters
 
@@ -104,24 +109,47 @@ def objective_settings(recipe_objective: dict[str, Any], name: str, extra: dict[
     recipe_name = recipe.pop("name", None)
     shared = set(objective_parameters(Objective))
     kept = recipe if recipe_name == name else {k: v for k, v in recipe.items() if k in shared}
-    return {"name": name, **kept, **extra}
+    return {"name": name, **kept, **{k: v for k, v in extra.items() if "." not in k}}
+
+
+def spec_overrides(extra: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys of a spec: settings of other sections for its runs."""
+    return {k: v for k, v in extra.items() if "." in k}
 
 
 def plan(config: Any, specs: list[tuple[str, dict[str, Any]]], seeds: list[int]) -> list[PlannedRun]:
     out = Path(config.output_dir)
     return [PlannedRun(spec_label(name, extra), objective_settings(config.objective, name, extra), seed,
-                       out / f"{spec_label(name, extra)}-seed{seed}")
+                       out / f"{spec_label(name, extra)}-seed{seed}", spec_overrides(extra))
             for name, extra in specs for seed in seeds]
 
 
 def run_config(config: Any, run: PlannedRun) -> Any:
     """The recipe with this run's objective, seed and directory; evaluation at least at the last step."""
     cfg = copy.deepcopy(config)
+    for key, value in run.overrides.items():
+        apply_override(cfg, key, value)
     cfg.objective, cfg.seed, cfg.output_dir = dict(run.objective), run.seed, str(run.directory)
     cfg.resume_from_checkpoint, cfg.overwrite_output_dir = None, False
     if not cfg.eval.steps:
         cfg.eval.steps = cfg.max_steps
+    if run.overrides:  # a spec's own settings of other sections are checked like a recipe's
+        from rlclip.config import validate
+
+        validate(cfg)
     return cfg
+
+
+def apply_override(config: Any, key: str, value: Any) -> None:
+    """Set the dotted ``key`` of a TrainConfig (a spec's ``rollout.is_mode=token_mask``); a bad key is one line."""
+    *path, name = key.split(".")
+    section = config
+    for part in path:
+        section = getattr(section, part, None)
+    if section is None or not hasattr(section, name) or path[0] == "objective":
+        raise ConfigError(f"--objectives: {key!r} is not a config field; a dotted key names a field of another "
+                          "section, e.g. ratio_clip:rollout.is_mode=token_truncate (objective settings take no dot)")
+    setattr(section, name, value)
 
 
 def settings_of(config: Any) -> dict[str, Any]:
@@ -360,7 +388,7 @@ def main(argv: list[str]) -> int:
     from accelerate import PartialState
 
     from rlclip.cli_common import EXIT_INTERRUPTED, ArgumentParser, preflight
-    from rlclip.config import build_objective_from_config, load_config, parse_overrides
+    from rlclip.config import load_config, parse_overrides, validate
 
     parser = ArgumentParser(prog="rlclip compare", description="Run one recipe with several objectives and seeds.")
     parser.add_argument("--config", required=True, help="the recipe every run shares")
@@ -373,7 +401,9 @@ def main(argv: list[str]) -> int:
     for name, extra in specs:  # every spec must build before anything trains
         probe = copy.deepcopy(config)
         probe.objective = objective_settings(config.objective, name, extra)
-        build_objective_from_config(probe)
+        for key, value in spec_overrides(extra).items():
+            apply_override(probe, key, value)
+        validate(probe)
     preflight(config)  # each run loads its own data (synthetic problems depend on the seed)
     main_process = PartialState().is_main_process
 

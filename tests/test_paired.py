@@ -163,3 +163,25 @@ def test_compare_json_and_report_hold_the_paired_differences(tmp_path):
     assert "Not paired: paired comparison of `other` and `base` refused: at seed 0 they were scored on different " \
            "held-out problems" in report
     assert report.index("## Paired differences") < report.index("![mean reward")
+
+
+def test_a_spec_may_set_other_sections_for_its_runs(tmp_path):
+    """``ratio_clip:rollout.is_mode=token_truncate``: one objective under several corrections is several specs."""
+    from conftest import tiny_config
+    from rlclip.compare import parse_objectives, plan, run_config
+    from rlclip.errors import ConfigError
+
+    config = tiny_config(tmp_path)
+    specs = parse_objectives("ratio_clip:rollout.is_mode=none,ratio_clip:rollout.is_mode=token_mask:"
+                             "rollout.is_floor=0.5:eps_high=0.3")
+    runs = plan(config, specs, [0])
+    first, second = (run_config(config, run) for run in runs)
+    assert (first.rollout.is_mode, second.rollout.is_mode, second.rollout.is_floor) == ("none", "token_mask", 0.5)
+    assert second.objective == {**config.objective, "eps_high": 0.3}  # dotted keys stay out of the objective
+    assert runs[0].directory != runs[1].directory
+    bad = plan(config, parse_objectives("ratio_clip:rollout.no_such_field=1"), [0])
+    with pytest.raises(ConfigError, match="'rollout.no_such_field' is not a config field"):
+        run_config(config, bad[0])
+    out_of_range = plan(config, parse_objectives("ratio_clip:rollout.staleness=-2"), [0])
+    with pytest.raises(ConfigError, match="rollout.staleness must be >= 0"):
+        run_config(config, out_of_range[0])
