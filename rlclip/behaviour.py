@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlclip.critic import completion_values
 from rlclip.guard import mask_nonfinite
-from rlclip.is_correction import importance_weights
+from rlclip.is_correction import rollout_correction
 from rlclip.lazy import torch
 from rlclip.objectives.base import Reducer
 from rlclip.policy import unwrap
@@ -113,10 +113,13 @@ class BehaviourPass:
         return metrics
 
     def correct(self, batch: Any, prox_logprobs: Tensor, reduce: Any) -> dict[str, float]:
-        """pi_prox / mu through the rollout correction: sets ``batch.is_weights`` (and drops rejected tokens)."""
+        """pi_prox / mu through the rollout correction: sets ``batch.is_weights`` and drops rejected tokens."""
         r = self.config.rollout
-        batch.is_weights, metrics = importance_weights(
-            prox_logprobs, batch.sampler_logprobs, batch.completion_mask, r.is_mode, r.is_cap, reduce=reduce)  # [N, T]
+        batch.is_weights, keep, metrics = rollout_correction(
+            prox_logprobs, batch.sampler_logprobs, batch.completion_mask, mode=r.is_mode, cap=r.is_cap,
+            floor=r.is_floor, batch_normalize=r.is_batch_normalize, rejection=r.rejection, reduce=reduce)  # [N, T]
+        if r.rejection:  # rejected tokens leave the loss and its token counts, as verl's modified response mask
+            batch.completion_mask = batch.completion_mask * keep.to(batch.completion_mask.dtype)  # [N, T]
         return metrics
 
     def loglinear(self, micro: RolloutBatch, logprobs: Tensor, version: int) -> Tensor:
