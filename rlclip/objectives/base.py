@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlclip.errors import ConfigError, ObjectiveError
 from rlclip.lazy import torch
+from rlclip.objectives.filters import M2_COUNTED, M2_KEEP, M2_MASKED, M2_MEAN, m2_statistics
 from rlclip.types import ObjectiveOutput, PolicyBatch
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..
     def step_statistics(self: Objective, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
         batch = self.count_masked(batch)
         stats = dict(fn(self, batch, reduce))
-        if ENTROPY_KEEP not in stats:
+        if not stats.keys() & FILTER_KEYS:
             stats.update(self.filter_statistics(batch, reduce))
         return stats
 
@@ -172,6 +173,7 @@ def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..
 
 ENTROPY_KEEP = "filter_entropy_keep"
 ENTROPY_KEPT = "filter_entropy_kept"
+FILTER_KEYS = frozenset({ENTROPY_KEEP, M2_KEEP})
 
 
 class Objective(abc.ABC):
@@ -211,8 +213,14 @@ class Objective(abc.ABC):
             ``mask_truncated_completions``): completions that hit the length
             limit (``PolicyBatch.truncated``) neither train nor count in the
             token-mean denominator (see :meth:`count_mask`).
+        m2_threshold: token filter (M2PO, arXiv 2510.01161; AReaL's
+            ``actor.m2_threshold``): with M2_t = (log pi_theta(a_t) - log pi_old(a_t))^2,
+            the counted tokens of the optimizer step with the largest M2 do not
+            train, until the mean M2 of the rest is < the threshold (a step
+            statistic over all processes; rule and ties in
+            :mod:`rlclip.objectives.filters`). None: off; AReaL's GSM8K example uses 0.04.
 
-    The entropy and off-policy filters multiply the per-token loss (the
+    The entropy, off-policy and M2 filters multiply the per-token loss (the
     denominator keeps counting the filtered tokens, as TRL); the KL penalty
     to the reference is not filtered by them (as TRL). ``PolicyBatch.token_weights``
     (the importance-sampling correction of a vLLM sampler, rlclip/is_correction.py)
@@ -221,7 +229,9 @@ class Objective(abc.ABC):
     the ratio multiplies ``per_token_loss`` before ``beta * per_token_kl`` is
     added). ``mask_truncated``
     removes the completions from the mask itself. The metric ``kept_frac`` is
-    the fraction of completion tokens that train when any filter is on.
+    the fraction of completion tokens that train when any filter is on;
+    ``m2_threshold`` adds ``m2_masked_frac`` (its masked share of the step's
+    counted tokens) and ``m2_mean`` (the step's mean M2 before masking).
     """
 
     name: ClassVar[str] = ""
@@ -238,7 +248,8 @@ class Objective(abc.ABC):
     def __init__(self, *, agg: str = "token_mean", agg_norm_len: int | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", kl_bias_correction: bool = False,
                  entropy_top_quantile: float | None = None,
-                 off_policy_mask: float | None = None, mask_truncated: bool = False) -> None:
+                 off_policy_mask: float | None = None, mask_truncated: bool = False,
+                 m2_threshold: float | None = None) -> None:
         if agg not in AGG_MODES:
             raise ConfigError(f"unknown aggregation agg={agg!r}; choose one of {', '.join(AGG_MODES)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -249,6 +260,9 @@ class Objective(abc.ABC):
             raise ConfigError(f"entropy_top_quantile must be in [0, 1] (or null to disable), got {entropy_top_quantile}")
         if off_policy_mask is not None and not off_policy_mask >= 0:
             raise ConfigError(f"off_policy_mask must be >= 0 (or null to disable), got {off_policy_mask}")
+        if m2_threshold is not None and not m2_threshold > 0:
+            raise ConfigError(f"m2_threshold must be > 0 (or null to disable; M2PO's example uses 0.04), "
+                              f"got {m2_threshold}")
         self.agg = agg
         self.agg_norm_len = agg_norm_len
         self.kl_coef = float(kl_coef)
@@ -257,6 +271,7 @@ class Objective(abc.ABC):
         self.entropy_top_quantile = None if entropy_top_quantile in (None, 1.0) else float(entropy_top_quantile)
         self.off_policy_mask = None if off_policy_mask is None else float(off_policy_mask)
         self.mask_truncated = bool(mask_truncated)
+        self.m2_threshold = None if m2_threshold is None else float(m2_threshold)
         self.needs = frozenset(type(self).needs) | ({"ref"} if self.kl_coef > 0 else frozenset())
         if self.entropy_top_quantile is not None:
             self.needs = self.needs | {"entropy"}
@@ -276,7 +291,9 @@ class Objective(abc.ABC):
         super().__setattr__(name, value)
 
     def _filter_step_needs(self) -> frozenset[str]:
-        return frozenset({"entropy"}) if getattr(self, "entropy_top_quantile", None) is not None else frozenset()
+        entropy = getattr(self, "entropy_top_quantile", None) is not None
+        m2 = getattr(self, "m2_threshold", None) is not None
+        return frozenset({"entropy"} if entropy else ()) | frozenset({"logprobs"} if m2 else ())
 
     def count_mask(self, mask: Tensor, truncated: Tensor | None) -> Tensor:
         """The completion mask ``[B, T]`` with the tokens that leave the loss *and* its denominators removed.
@@ -299,7 +316,13 @@ class Objective(abc.ABC):
         return dataclasses.replace(batch, mask=self.count_mask(batch.mask, batch.truncated))
 
     def filter_statistics(self, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
-        """Step statistics of the token filters: the entropy threshold and keep mask of ``entropy_top_quantile``."""
+        """Step statistics of the token filters: the entropy threshold and keep mask of ``entropy_top_quantile``,
+        the keep mask and counts of ``m2_threshold``."""
+        stats = {} if self.m2_threshold is None else m2_statistics(
+            batch.logprobs, batch.old_logprobs, batch.mask, self.m2_threshold, reduce)
+        return {**stats, **self._entropy_statistics(batch, reduce)}
+
+    def _entropy_statistics(self, batch: PolicyBatch, reduce: Reducer) -> dict[str, Tensor]:
         if self.entropy_top_quantile is None:
             return {}
         if batch.entropy is None:
@@ -314,9 +337,9 @@ class Objective(abc.ABC):
         return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold,
                 ENTROPY_KEPT: (pooled >= threshold).sum().to(entropy.dtype)}
 
-    def _entropy_keep(self, batch: PolicyBatch) -> dict[str, Tensor]:
+    def _filter_stats(self, batch: PolicyBatch, key: str) -> dict[str, Tensor]:
         stats = batch.step_stats or {}
-        return stats if ENTROPY_KEEP in stats else self.filter_statistics(_detached(batch), Reducer())
+        return stats if key in stats else self.filter_statistics(_detached(batch), Reducer())
 
     def bonus_mask(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
         """The tokens an entropy bonus acts on, ``[B, T]``, and their count over the optimizer step.
@@ -330,22 +353,28 @@ class Objective(abc.ABC):
         mask = batch.mask.to(batch.logprobs.dtype)  # [B, T]
         count = mask.sum() if batch.num_tokens is None else batch.num_tokens
         if self.entropy_top_quantile is not None:
-            stats = self._entropy_keep(batch)
+            stats = self._filter_stats(batch, ENTROPY_KEEP)
             mask = mask * stats[ENTROPY_KEEP].to(mask.dtype)
             count = stats[ENTROPY_KEPT]
         return mask, torch.as_tensor(count, dtype=mask.dtype, device=mask.device).clamp_min(1)
 
     def token_filter(self, batch: PolicyBatch) -> tuple[Tensor | None, dict[str, Any]]:
-        """The entropy and off-policy filters as a ``[B, T]`` multiplier of the per-token loss (None: off).
+        """The entropy, off-policy and M2 filters as a ``[B, T]`` multiplier of the per-token loss (None: off).
 
         ``batch`` already has :meth:`count_mask` applied and carries the step statistics.
         """
         keep = None
         metrics: dict[str, Any] = {}
         if self.entropy_top_quantile is not None:
-            stats = self._entropy_keep(batch)
+            stats = self._filter_stats(batch, ENTROPY_KEEP)
             keep = stats[ENTROPY_KEEP].to(batch.logprobs.dtype)
             metrics["entropy_threshold"] = stats["filter_entropy_threshold"]
+        if self.m2_threshold is not None:
+            stats = self._filter_stats(batch, M2_KEEP)
+            m2_keep = stats[M2_KEEP].to(batch.logprobs.dtype)  # [B, T]
+            keep = m2_keep if keep is None else keep * m2_keep
+            metrics["m2_masked_frac"] = stats[M2_MASKED] / stats[M2_COUNTED].clamp_min(1)
+            metrics["m2_mean"] = stats[M2_MEAN]
         if self.off_policy_mask is not None:
             mask = batch.mask.to(batch.logprobs.dtype)
             kl = torch.nan_to_num(batch.old_logprobs - batch.logprobs.detach(), nan=0.0)  # [B, T]
