@@ -28,11 +28,32 @@ against ``generate``).
 collective, so a process whose rows have all ended keeps stepping (on pad
 tokens, discarded) until every process has ended, as ``generate``'s
 ``synced_gpus`` does.
+
+The sampler's log-probs. Besides the tokens, :func:`decode` records log mu(a_t),
+the log-prob of each sampled token under the distribution it was drawn from,
+what vLLM returns with ``logprobs_mode="processed_logprobs"``; it becomes
+``RolloutBatch.sampler_logprobs``. That distribution is ``softmax(scores)`` of
+the float32 logits after the EOS hold of ``min_new_tokens`` (EOS has
+probability 0 there: the hold is part of it) and after temperature, top-k and
+top-p; the log-prob is read off the very probabilities sampled from (a gather
+and a log per step: no extra forward, no extra ``[B, V]`` pass, the random
+stream and the tokens unchanged). Positions after a row's EOS get 0.
+
+Greedy decoding (temperature 0) records what vLLM records for a greedy request:
+``log_softmax`` of the EOS-held logits at temperature 1 (vLLM's sampler returns
+its processed log-probs before temperature, top-k and top-p when every request
+is greedy), one ``log_softmax`` per step. It is not 0, the log-prob of the point
+mass that greedy decoding draws from: with 0 the ratio pi_old / mu of the
+importance-sampling correction would be pi_old(a_t) itself and shrink every
+token of a greedy rollout, whereas the trainer computes pi_old at temperature 1
+when ``rollout.temperature`` is 0, so vLLM's convention gives a ratio of 1 for
+an unchanged policy, under every backend alike.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -85,27 +106,47 @@ def _all_done(done_here: bool, synced: bool, device: torch.device) -> bool:
     return not bool(pending)
 
 
-def _next_tokens(logits: Tensor, hold_eos: bool, eos: Tensor, greedy: bool, warpers: list) -> Tensor:
-    """The next token of every row ``[B]`` from its logits ``[B, V]`` (EOS masked while ``hold_eos``)."""
+class Decoded(NamedTuple):
+    """What :func:`decode` returns, prompt-major ``[B, T]`` rows."""
+
+    completion_ids: Tensor
+    """``[B, T]`` sampled ids, ``pad_token_id`` after a row's EOS."""
+    sampler_logprobs: Tensor
+    """``[B, T]`` float32 log mu(a_t) of each sampled id under the distribution it was drawn from (EOS hold,
+    temperature, top-k, top-p; greedy: temperature-1 log-probs after the EOS hold, as vLLM); 0 after EOS."""
+
+
+def _next_tokens(logits: Tensor, hold_eos: bool, eos: Tensor, greedy: bool, warpers: list) -> tuple[Tensor, Tensor]:
+    """The next token of every row ``[B]`` from its logits ``[B, V]`` (EOS masked while ``hold_eos``), and its
+    log-prob ``[B]`` under the distribution it was drawn from (greedy: ``log_softmax(logits)``, as vLLM)."""
     if hold_eos and eos.numel():
         logits[:, eos] = float("-inf")
     if greedy:
-        return logits.argmax(-1)
+        chosen = logits.argmax(-1)  # [B]
+        # one fused log_softmax: on CPU half the time of logsumexp, which runs as max, sub, exp, sum
+        return chosen, torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
     scores = logits
     for warp in warpers:
         scores = warp(None, scores)
-    return sample_categorical(torch.softmax(scores, dim=-1))
+    probs = torch.softmax(scores, dim=-1)  # [B, V]
+    chosen = sample_categorical(probs)  # [B]
+    # log softmax(scores)[chosen] from the probabilities drawn from; a drawn id has nonzero probability
+    return chosen, probs.gather(1, chosen[:, None]).squeeze(1).log()
 
 
 @torch.no_grad()
 def decode(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, max_new_tokens: int,
            eos_token_ids: list[int], pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, min_new_tokens: int = 0, synced: bool = False) -> Tensor:
-    """``group_size`` completions of each left-padded prompt; returns ``completion_ids [n * G, T]``.
+           top_k: int = 0, min_new_tokens: int = 0, synced: bool = False) -> Decoded:
+    """``group_size`` completions of each left-padded prompt: ``Decoded(completion_ids, sampler_logprobs)``,
+    both ``[n * G, T]``.
 
     Rows are prompt-major (the G completions of prompt 0 first), as ``repeat_interleave`` orders them. A
-    row that emitted an EOS is filled with ``pad_token_id`` after it; ``T`` is the length of the longest
-    row (at most ``max_new_tokens``). ``temperature == 0`` is greedy.
+    row that emitted an EOS is filled with ``pad_token_id`` after it (and log-prob 0); ``T`` is the length
+    of the longest row (at most ``max_new_tokens``). ``temperature == 0`` is greedy. ``sampler_logprobs``
+    (float32) is log mu of each sampled id under the distribution it was drawn from: after the EOS hold
+    of ``min_new_tokens``, temperature, top-k and top-p; for greedy decoding, as vLLM's
+    ``processed_logprobs``, the temperature-1 log-prob after the EOS hold (not 0: see the module's text).
     """
     from transformers import DynamicCache
 
@@ -124,12 +165,14 @@ def decode(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size
     position = positions[:, -1:].repeat_interleave(group_size, 0)  # [B, 1]
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)  # [B]: no EOS yet
     tokens: list[Tensor] = []
+    logprobs: list[Tensor] = []
     while True:
         t = len(tokens)
         if t < max_new_tokens and unfinished.any():
-            chosen = _next_tokens(logits, t < min_new_tokens, eos, greedy, warpers)
+            chosen, logp = _next_tokens(logits, t < min_new_tokens, eos, greedy, warpers)
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))  # [B]
             tokens.append(chosen)
+            logprobs.append(logp)  # [B] float32; zeroed after each row's EOS at the end
             unfinished &= ~torch.isin(chosen, eos)
         else:  # synced and done here: step on pad tokens, kept out of the result, until every process is done
             chosen = torch.full_like(chosen, pad_token_id)
@@ -140,4 +183,7 @@ def decode(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size
         position = position + 1
         logits = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=position,
                        use_cache=True, **cache_kw).logits[:, -1].float()  # [B, V]
-    return torch.stack(tokens, dim=1)  # [B, T]
+    ids = torch.stack(tokens, dim=1)  # [B, T]
+    is_eos = torch.isin(ids, eos)  # [B, T]
+    after_eos = is_eos.cumsum(1) > is_eos.long()  # [B, T] the row emitted an EOS at an earlier step
+    return Decoded(ids, torch.stack(logprobs, dim=1).masked_fill(after_eos, 0.0))  # [B, T] each

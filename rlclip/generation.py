@@ -1,6 +1,6 @@
 """Generation backends (``rollout.backend``): who samples a rollout's completions.
 
-- ``hf``: ``generate`` of the training model itself (:func:`rlclip.rollout.sample_completions`).
+- ``hf``: rlclip's decoding loop on the training model itself (:func:`rlclip.rollout.sample_completions`).
 - ``vllm_colocate``: a vLLM engine inside each training process, on its GPU.
 - ``vllm_server``: a vLLM server of its own (``trl vllm-serve --model ...``), the
   main process sends every process's prompts and hands each its share back.
@@ -17,9 +17,10 @@ cache is reset). rlclip adds the bookkeeping: the trainer calls
 :meth:`Generator.policy_changed` after every optimizer step that moved the
 policy, and the weights are copied once, lazily, before the next generation.
 
-Every backend returns the fields of ``sample_completions``; the vLLM ones add
-``RolloutBatch.sampler_logprobs``, which the trainer turns into
-importance-sampling weights (rlclip/is_correction.py).
+Every backend returns the fields of ``sample_completions``, ``RolloutBatch.sampler_logprobs``
+included: log mu(a_t) of each sampled token under the distribution it was drawn
+from (hf: rlclip/decoding.py's loop records it; vLLM: its processed log-probs),
+which the trainer turns into importance-sampling weights (rlclip/is_correction.py).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Generator(Protocol):
     """What the trainer needs from a backend."""
 
     corrects: bool
-    """True when another engine samples (its log-probs come back in ``RolloutBatch.sampler_logprobs``)."""
+    """True when another engine samples (not the training model); every backend fills
+    ``RolloutBatch.sampler_logprobs``."""
 
     def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
                  settings: SamplingSettings) -> RolloutBatch:
@@ -83,7 +85,8 @@ def build_generator(config: TrainConfig, accelerator: Accelerator) -> Generator:
 
 
 class HFGenerator:
-    """transformers ``generate`` on the training model (unwrapped for generation, back in train mode after)."""
+    """rlclip's decoding loop on the training model (unwrapped for generation, back in train mode after); its
+    rollouts carry the loop's own log mu(a_t) in ``sampler_logprobs``."""
 
     corrects = False
 

@@ -69,7 +69,9 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
     ``model`` must be the unwrapped model (see ``trl.models.unwrap_model_for_generation``).
     Prompts are left-padded; generation stops at EOS or ``max_new_tokens``;
     rows that hit the limit are flagged in ``truncated``. Other record fields
-    are kept as ``columns`` for the reward functions.
+    are kept as ``columns`` for the reward functions. ``sampler_logprobs`` holds
+    log mu(a_t) of the decoding loop (rlclip/decoding.py): each token's log-prob
+    under the distribution it was sampled from, 0 off the completion mask.
     """
     group = settings.group_size
     prompts = [r["prompt"] for r in records]
@@ -85,14 +87,15 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
     stop_ids = eos_ids(model, tokenizer)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)  # [n, P]
     # one prefill per prompt, its cache repeated for the group (rlclip/decoding.py)
-    completion_ids = decode(model, input_ids, attention_mask, group, settings.max_new_tokens, stop_ids,
-                            tokenizer.pad_token_id, temperature=settings.temperature, top_p=settings.top_p,
-                            top_k=settings.top_k, min_new_tokens=settings.min_new_tokens,
-                            synced=synced_generation(model))  # [B, T]; FSDP: every process steps until all end
+    completion_ids, sampler_logprobs = decode(
+        model, input_ids, attention_mask, group, settings.max_new_tokens, stop_ids, tokenizer.pad_token_id,
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        min_new_tokens=settings.min_new_tokens, synced=synced_generation(model))  # [B, T]; FSDP: all step until all end
     prompt_ids = input_ids.repeat_interleave(group, dim=0)  # [B, P]
     prompt_mask = attention_mask.repeat_interleave(group, dim=0)  # [B, P]
     completion_mask, truncated = completion_mask_and_truncation(completion_ids, stop_ids)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    sampler_logprobs = sampler_logprobs.masked_fill(completion_mask == 0, 0.0)  # [B, T] float32, log mu(a_t)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     chat = bool(prompts) and is_conversational({"prompt": prompts[0]})
     completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
@@ -101,7 +104,7 @@ def sample_completions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rec
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
         completion_mask=completion_mask, truncated=truncated,
         prompts=[p for p in prompts for _ in range(group)], completions=completions, columns=columns,
-        prompts_truncated=overflow,
+        prompts_truncated=overflow, sampler_logprobs=sampler_logprobs,
     )
 
 

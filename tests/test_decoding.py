@@ -42,7 +42,8 @@ def test_greedy_is_token_for_token_what_generate_returns(tiny, group, max_new, m
     with torch.no_grad():
         want = generate(model, ids, mask, group, max_new_tokens=max_new, min_new_tokens=min_new or None,
                         do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    got = decode(model, ids, mask, group, max_new, eos, tok.pad_token_id, temperature=0, min_new_tokens=min_new)
+    got = decode(model, ids, mask, group, max_new, eos, tok.pad_token_id, temperature=0,
+                 min_new_tokens=min_new).completion_ids
     assert got.shape == want.shape and torch.equal(got, want)
 
 
@@ -58,8 +59,8 @@ def test_stops_once_every_row_has_ended_and_pads_after_eos(tiny):
 
     handle = model.get_output_embeddings().register_forward_hook(eos_first)
     try:
-        at_once = decode(model, ids, mask, 2, 10, [tok.eos_token_id], tok.pad_token_id)
-        held = decode(model, ids, mask, 2, 10, [tok.eos_token_id], tok.pad_token_id, min_new_tokens=3)
+        at_once = decode(model, ids, mask, 2, 10, [tok.eos_token_id], tok.pad_token_id).completion_ids
+        held = decode(model, ids, mask, 2, 10, [tok.eos_token_id], tok.pad_token_id, min_new_tokens=3).completion_ids
     finally:
         handle.remove()
     assert at_once.shape == (6, 1) and (at_once == tok.eos_token_id).all()
@@ -114,7 +115,7 @@ def test_top_k_top_p_samples_stay_in_transformers_support(tiny, top_k, top_p):
     allowed = torch.isfinite(scores)  # [n, V]
     torch.manual_seed(3)
     first = decode(model, ids, mask, 64, 1, [tok.eos_token_id], tok.pad_token_id, temperature=0.7, top_k=top_k,
-                   top_p=top_p)[:, 0].view(ids.shape[0], 64)  # [n, G]
+                   top_p=top_p).completion_ids[:, 0].view(ids.shape[0], 64)  # [n, G]
     assert allowed.gather(1, first).all()
     assert (first != first[:, :1]).any()  # more than one token drawn somewhere
 

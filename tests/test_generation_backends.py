@@ -189,7 +189,13 @@ def test_hf_backend_is_sample_completions_on_the_unwrapped_model(tiny, accelerat
     theirs = sample_completions(model, tokenizer, RECORDS, SETTINGS, accelerator.device)
     for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(ours, f), getattr(theirs, f)), f
-    assert ours.completions == theirs.completions and ours.sampler_logprobs is None
+    assert ours.completions == theirs.completions
+    # the decoding loop's own log mu(a_t) (tests/test_sampler_logprobs.py checks its values)
+    assert ours.sampler_logprobs.dtype == torch.float32 and ours.sampler_logprobs.device == accelerator.device
+    assert torch.equal(ours.sampler_logprobs, theirs.sampler_logprobs)
+    assert (ours.sampler_logprobs[ours.completion_mask == 0] == 0).all()
+    counted = ours.sampler_logprobs[ours.completion_mask == 1]
+    assert counted.isfinite().all() and (counted <= 0).all() and (counted < 0).any()
     generator.policy_changed()  # a no-op
 
 
