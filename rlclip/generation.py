@@ -129,13 +129,23 @@ class VLLMGenerator:
     def policy_changed(self) -> None:
         self.stale = True
 
-    def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
-                 settings: SamplingSettings) -> RolloutBatch:
+    def sync(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
+             settings: SamplingSettings) -> Any:
+        """Build the engine on first use and copy the weights if the policy moved; returns the engine.
+
+        Called by :meth:`generate`, and by the trainer in its own thread before a generation it runs in the
+        background (rlclip/staleness.py), so that the copy never overlaps an update or a generation.
+        """
         engine = self._engine(model, tokenizer, settings, len(records) * settings.group_size)
         if self.stale:
             engine.sync_weights()  # every process takes part: gathering sharded parameters is collective
             self.stale = False
             self.syncs += 1
+        return engine
+
+    def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
+                 settings: SamplingSettings) -> RolloutBatch:
+        engine = self.sync(model, tokenizer, records, settings)
         prompt_ids, prompt_mask, overflow = encode_prompts(tokenizer, [r["prompt"] for r in records], settings)
         prompt_ids = prompt_ids.repeat_interleave(settings.group_size, dim=0)  # [B, P]
         prompt_mask = prompt_mask.repeat_interleave(settings.group_size, dim=0)  # [B, P]

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from rlclip.rewards import compute_rewards
+from rlclip.errors import ConfigError
+from rlclip.rewards import compute_rewards, resolve_reward_func
 from rlclip.types import RolloutBatch
 from rlclip.utils import all_reduce
 
@@ -42,3 +43,16 @@ def score_rollout(rollout: RolloutBatch, reward_funcs: Sequence[Callable[..., An
     unscored = rollout.rewards.isnan()  # [N]
     rollout.completion_mask = rollout.completion_mask * (~unscored).unsqueeze(1).to(rollout.completion_mask.dtype)
     return metrics, bool(scored.any())
+
+
+def reward_functions(specs: Sequence[Any], funcs: Sequence[Callable[..., Any]] | None,
+                     weights: Sequence[float] | None) -> tuple[list[Callable[..., Any]], list[float]]:
+    """The run's reward functions and weights: Python ``funcs`` when given (weights default to 1), else the
+    config's ``reward.funcs`` ``specs`` resolved by name."""
+    if funcs is None:
+        return [resolve_reward_func(s.name, s.kwargs) for s in specs], [s.weight for s in specs]
+    funcs = list(funcs)
+    weights = list(weights) if weights is not None else [1.0] * len(funcs)
+    if not funcs or len(weights) != len(funcs) or not all(callable(f) for f in funcs):
+        raise ConfigError("reward_funcs must be a non-empty list of callables with one weight each")
+    return funcs, weights

@@ -35,7 +35,6 @@ from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
 from rlclip.critic import explained_variance, value_loss
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
-from rlclip.errors import ConfigError
 from rlclip.generation import build_generator
 from rlclip.grad_clip import build_clipper
 from rlclip.gradient_step import GradientStep
@@ -48,11 +47,10 @@ from rlclip.optim_in_backward import build_in_backward
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
 from rlclip.policy import completion_logprobs
-from rlclip.rewards import resolve_reward_func
 from rlclip.rollout import SamplingSettings, limit_prompts
 from rlclip.run_log import RunLog
-from rlclip.scoring import score_rollout
-from rlclip.staleness import RolloutQueue, staleness_metrics
+from rlclip.scoring import reward_functions, score_rollout
+from rlclip.staleness import BackgroundRolloutQueue, RolloutQueue, staleness_metrics
 from rlclip.step_statistics import own_step_statistics, whole_step_statistics
 from rlclip.telemetry import TrustTelemetry
 from rlclip.types import PolicyBatch, RolloutBatch
@@ -109,7 +107,7 @@ class Trainer:
         self.telemetry = TrustTelemetry() if config.logging.trust_metrics else None
         self.stop = StopRequest()
         self.behaviour = BehaviourPass(config, self.objective, self.accelerator, self._logprobs, self.needs_reference)
-        self.reward_funcs, self.reward_weights = self._reward_funcs(reward_funcs, reward_weights)
+        self.reward_funcs, self.reward_weights = reward_functions(config.reward.funcs, reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
         self.evaluator = PeriodicEval(config, self.accelerator, self.records)  # its held-out problems load before the model
@@ -142,7 +140,9 @@ class Trainer:
         self.step = 0
         self.rollout_index = 0
         self.pending: tuple[RolloutBatch, dict[str, float], int] | None = None  # a rollout cut short by a signal
-        self.queue = RolloutQueue(config.rollout.staleness, self.sample)
+        self.queue = BackgroundRolloutQueue(config.rollout.staleness, self.sample, self.launch_sample,
+                                            self.finish_sample) if self.overlaps else \
+            RolloutQueue(config.rollout.staleness, self.sample)
         self.stopped_by: str | None = None  # the signal that stopped train() early
         self.run_log = RunLog(self.accelerator, self.output_dir)
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir, config.keep_last, self.save_model,
@@ -153,17 +153,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(f"rlclip: {message}", file=sys.stderr)
 
-    # ------------------------------------------------------------------ set-up
-    def _reward_funcs(self, funcs: Sequence[Callable[..., Any]] | None,
-                      weights: Sequence[float] | None) -> tuple[list[Callable[..., Any]], list[float]]:
-        if funcs is None:
-            specs = self.config.reward.funcs
-            return [resolve_reward_func(s.name, s.kwargs) for s in specs], [s.weight for s in specs]
-        funcs = list(funcs)
-        weights = list(weights) if weights is not None else [1.0] * len(funcs)
-        if not funcs or len(weights) != len(funcs) or not all(callable(f) for f in funcs):
-            raise ConfigError("reward_funcs must be a non-empty list of callables with one weight each")
-        return funcs, weights
+    @property
+    def overlaps(self) -> bool:
+        """Generation overlaps the update: a vLLM server, one process (the engine's gathers are collectives)."""
+        return self.config.rollout.backend == "vllm_server" and self.accelerator.num_processes == 1
 
     @property
     def needs_reference(self) -> bool:
@@ -243,8 +236,24 @@ class Trainer:
 
     def sample(self, index: int) -> tuple[RolloutBatch, dict[str, float]]:
         """rollout -> reward: rollout number ``index`` sampled with the current weights, scored."""
-        rollout = self.generate(self.next_prompts(index))
-        rollout.policy_version = self.rollout_index
+        return self.finish_sample(self.launch_sample(index)())
+
+    def launch_sample(self, index: int) -> Callable[[], RolloutBatch]:
+        """Copy the weights to the sampler if they moved; the generation of rollout ``index``, to run now or in
+        the background (a vLLM server: rlclip/staleness.py)."""
+        records, version = self.next_prompts(index), self.rollout_index
+        if hasattr(self.generator, "sync"):
+            self.generator.sync(self.model, self.tokenizer, records, self.sampling_settings())
+
+        def generate() -> RolloutBatch:
+            rollout = self.generate(records)
+            rollout.policy_version = version
+            return rollout
+
+        return generate
+
+    def finish_sample(self, rollout: RolloutBatch) -> tuple[RolloutBatch, dict[str, float]]:
+        """Reward (in the trainer's thread: scoring and its metrics are collectives)."""
         self.release_memory()  # generation's caches and logits are freed: hand their pages back
         metrics = self.score(rollout)
         metrics["rollout/prompts_truncated"] = all_reduce(
@@ -293,12 +302,14 @@ class Trainer:
             picked.append(self.records[int(orders[epoch][offset])])
         return picked
 
+    def sampling_settings(self) -> SamplingSettings:
+        r = self.config.rollout
+        return SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
+                                self.max_prompt_length, r.min_new_tokens)
+
     def generate(self, records: list[dict[str, Any]]) -> RolloutBatch:
         """Rollout: G completions per prompt from the current policy (rlclip/generation.py: hf or vLLM)."""
-        r = self.config.rollout
-        settings = SamplingSettings(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k,
-                                    self.max_prompt_length, r.min_new_tokens)
-        return self.generator.generate(self.model, self.tokenizer, records, settings)
+        return self.generator.generate(self.model, self.tokenizer, records, self.sampling_settings())
 
     def score(self, rollout: RolloutBatch) -> dict[str, float]:
         """Reward: the weighted reward functions (rlclip/scoring.py); the rollout's metrics over all processes."""

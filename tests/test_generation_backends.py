@@ -385,3 +385,50 @@ def test_the_gpu_check_script_imports_and_answers_help(root):
     for flag in ("--model", "--tolerance", "--steps", "--ddp"):
         assert flag in proc.stdout
     assert Path(script).with_name("README.md").is_file()
+
+
+def test_vllm_server_generates_the_next_rollout_in_the_background_during_the_update(tmp_path, fake_vllm,
+                                                                                      monkeypatch):
+    """rollout.staleness with a vLLM server: the newest rollout is generated in a background thread while the
+    trainer updates; the weights are copied in the trainer's thread and never while a generation runs; the data
+    and the weights equal the in-turn schedule's."""
+    import threading
+    import time
+
+    import rlclip.config.validation
+    from rlclip.staleness import BackgroundRolloutQueue
+    from rlclip.trainer import Trainer
+
+    monkeypatch.setattr(rlclip.config.validation, "check_backend_installed", lambda backend: None)
+    generating, threads = threading.Event(), []
+    generate, load = FakeClient.generate, FakeClient.update_named_params
+
+    def slow_generate(self, *args, **kwargs):
+        generating.set()
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)  # long enough for the trainer to be updating meanwhile
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            generating.clear()
+
+    def checked_load(self, *args, **kwargs):
+        assert not generating.is_set(), "weights copied while the server was generating"
+        assert threading.current_thread() is threading.main_thread()
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(FakeClient, "generate", slow_generate)
+    monkeypatch.setattr(FakeClient, "update_named_params", checked_load)
+    overrides = ("max_steps=8", "save_steps=0", "rollout.backend=vllm_server", "rollout.prompts_per_step=2",
+                 "rollout.group_size=4", "rollout.staleness=1", "train.mini_batches=1", "train.optimizer=sgd")
+    background = Trainer(tiny_config(tmp_path / "background", *overrides))
+    assert isinstance(background.queue, BackgroundRolloutQueue)
+    history = background.train()
+    assert any(name.startswith("rlclip-rollout") for name in threads)
+    assert [h["rollout/staleness_max"] for h in history[::2]] == [0, 1, 1, 1]
+    in_turn = Trainer(tiny_config(tmp_path / "in_turn", *overrides))
+    in_turn.queue = type(background.queue).__mro__[1](1, in_turn.sample)  # the plain RolloutQueue, in turn
+    in_turn.train()
+    for (key, a), b in zip(background.model.state_dict().items(), in_turn.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert background.generator.syncs == in_turn.generator.syncs == 3
