@@ -4,12 +4,7 @@ This module only picks the command and runs it through
 ``rlclip.cli_common.run_command``; the commands live in ``rlclip.commands``,
 ``rlclip.compare`` and ``rlclip.eval.cli``, none of which imports this module.
 
-Bad input (config, data, model path, reward output, CLI flags) and the usual
-user mistakes (YAML syntax, encodings, missing files, permissions) print exactly
-one line, ``rlclip <command>: error: <what, the bad value, the fix>``, to stderr
-and exit with status 2; Ctrl-C outside training exits with 130. ``--debug``
-anywhere on the command line prints the full traceback as well. Any other
-exception is a bug in rlclip and keeps its traceback.
+Bad input is one line on stderr and exit status 2 (``rlclip.cli_common`` says how).
 """
 
 from __future__ import annotations
