@@ -27,7 +27,7 @@ def test_train_help_lists_every_field_with_default_and_doc(capsys):
 def test_train_help_section_narrows(capsys):
     assert main(["train", "--help", "rollout"]) == 0
     text = capsys.readouterr().out
-    assert "--rollout.min_new_tokens (int, default 0)" in text and "--train.learning_rate" not in text
+    assert "--rollout.min_new_tokens (int, default 0, must be >= 0)" in text and "--train.learning_rate" not in text
 
 
 def test_train_help_unknown_section_is_one_line_error(capsys):

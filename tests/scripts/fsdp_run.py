@@ -53,6 +53,14 @@ def main() -> None:
                          generated_lengths=lengths, model=str(shared / "straight" / "model.safetensors"),
                          checkpoint_shards=sorted(p.name for p in (shared / "resumed" / "checkpoint-2" / "state"
                                                                    / "fsdp").iterdir()))
+    faulthandler.cancel_dump_traceback_later()
+    # tear the process group down before the interpreter exits: a live gloo group's threads at exit can abort
+    # the process ("terminate called without an active exception") after every result is written
+    trainer.accelerator.wait_for_everyone()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
