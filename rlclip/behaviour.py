@@ -129,8 +129,9 @@ class BehaviourPass:
         """
         lag = version - micro.policy_version
         alpha = lag / (lag + 1)
-        sampler = micro.sampler_logprobs  # [b, T]
-        prox = sampler + alpha * (logprobs.detach() - sampler)  # [b, T]
+        current = logprobs.detach()  # [b, T]
+        sampler = torch.where(torch.isnan(micro.sampler_logprobs), current, micro.sampler_logprobs)  # NaN: no mu
+        prox = sampler + alpha * (current - sampler)  # [b, T]
         self.correct(micro, prox, Reducer())  # rows are whole responses: token and sequence modes are row-local
         return prox
 
