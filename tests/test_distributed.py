@@ -22,7 +22,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
-from one_step import CASES, step_once  # noqa: E402
+from one_step import CASES, correction_once, step_once  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("two_process")  # one worker runs the suite's 2-process launch
 step = functools.lru_cache(step_once)  # each 1-process step is computed once per session
@@ -107,3 +107,18 @@ def test_two_process_compare_pools_every_held_out_problem_in_order(two_process):
         assert result["accuracy"] == rows[-1]["eval/accuracy"] and [r["step"] for r in rows] == [1, 2]
     lines = (two_process / "launch_stderr.log").read_text().splitlines()
     assert sum(line.startswith("[compare] (1/2) ratio_clip-seed0") for line in lines) == 1  # rank 0 speaks
+
+
+def test_snis_and_rejection_over_two_processes_equal_one_process(two_process):
+    """The rollout correction's batch statistics (SNIS's mean, each criterion's fractions) are global: rank 0's
+    half, corrected with statistics across 2 processes, equals the first half of the 1-process correction."""
+    whole = correction_once(None)
+    dist = torch.load(two_process / "correction_rank0.pt")
+    for case, ours in whole.items():
+        theirs = dist[case]
+        torch.testing.assert_close(theirs["weights"], ours["weights"][:4], atol=1e-12, rtol=0, msg=case)
+        torch.testing.assert_close(theirs["keep"], ours["keep"][:4], atol=0, rtol=0, msg=case)
+        assert theirs["metrics"] == pytest.approx(ours["metrics"], abs=1e-12), case
+        assert ours["metrics"]["rollout/is_batch_norm_factor"] != 1.0  # SNIS acts
+        assert 0 < ours["metrics"]["rollout/rejected_frac/total"] < 1  # some tokens go, some stay
+        assert bool((ours["keep"][4:] != 1).any())  # rank 1's rows matter to rank 0's statistics

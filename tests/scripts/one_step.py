@@ -35,7 +35,47 @@ CASES = {
     "kl_cov": ["objective.name=kl_cov", "objective.kl_cov_ratio=0.2"],
     # the entropy bonus over the step's filtered tokens (its count comes from the step statistics)
     "entropy_bonus": ["entropy.coef=0.3", "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true"],
+    # M2PO's mask: the largest squared log-ratios of the whole step until the rest's mean is below the threshold
+    "m2po": ["objective.m2_threshold=0.02"],
 }
+
+# Rollout correction over the global batch: SNIS and every rejection criterion (tests/test_distributed.py)
+CORRECTION_CASES = {
+    "token_truncate": {"mode": "token_truncate", "cap": 1.6, "floor": 0.7},
+    "sequence_mask": {"mode": "sequence_mask", "cap": 3.0, "floor": 0.4},
+}
+REJECTION = [{"metric": "token_k1", "upper": 0.5}, {"metric": "token_k2", "upper": 0.2},
+             {"metric": "token_k3", "upper": 0.25}, {"metric": "seq_sum_k1", "upper": 1.0},
+             {"metric": "seq_sum_k2", "upper": 0.6}, {"metric": "seq_sum_k3", "upper": 0.7},
+             {"metric": "seq_mean_k1", "upper": 0.3}, {"metric": "seq_mean_k2", "upper": 0.15},
+             {"metric": "seq_mean_k3", "upper": 0.2}, {"metric": "seq_max_k2", "upper": 0.4},
+             {"metric": "seq_max_k3", "upper": 0.5}]
+
+
+def correction_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi_prox, log mu and the mask ``[8, 6]`` of a fixed batch whose weights and statistics differ by row."""
+    g = torch.Generator().manual_seed(7)
+    prox = -torch.rand(8, 6, generator=g, dtype=torch.float64) * 2
+    sampler = prox + torch.randn(8, 6, generator=g, dtype=torch.float64) * 0.5
+    lengths = torch.tensor([6, 2, 5, 1, 4, 6, 3, 5])
+    mask = (torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)).double()
+    return prox, sampler, mask
+
+
+def correction_once(reduce) -> dict:
+    """Each process's contiguous share of ``correction_batch``, corrected with statistics over ``reduce``."""
+    from rlclip.is_correction import rollout_correction
+
+    rank, world = (0, 1) if reduce is None else (reduce.accelerator.process_index, reduce.accelerator.num_processes)
+    share = 8 // world
+    rows = slice(rank * share, (rank + 1) * share)
+    prox, sampler, mask = (t[rows] for t in correction_batch())
+    out = {}
+    for name, case in CORRECTION_CASES.items():
+        weights, keep, metrics = rollout_correction(prox, sampler, mask, batch_normalize=True, rejection=REJECTION,
+                                                    reduce=reduce, **case)
+        out[name] = {"weights": weights, "keep": keep, "metrics": metrics}
+    return out
 
 # compared only under sharding (tests/test_fsdp.py), not in the DDP sweep over CASES: LoRA (the PEFT
 # wrapper around the sharded model; its reference is the model with the adapter off)

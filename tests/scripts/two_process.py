@@ -9,6 +9,7 @@ Writes into OUT_DIR:
   nan_rank<R>.json   the NaN-gradient report of each rank (``nan_grad.py``)
   sharded_rank<R>.json  clipper norms on DTensor gradients of each rank (``sharded_norms.py``)
   compare/           ``rlclip compare`` of ratio_clip x seeds 0,1 (5 held-out problems: 3 on rank 0, 2 on rank 1)
+  correction_rank0.pt  rank 0's rollout correction (SNIS, every rejection criterion) of its half of a fixed batch
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nan_grad import nan_grad_report  # noqa: E402
-from one_step import CASES, step_once, train_two_modes  # noqa: E402
+from one_step import CASES, correction_once, step_once, train_two_modes  # noqa: E402
 from sharded_norms import sharded_norms  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     results = {case: step_once(2, case) for case in CASES}
+    from accelerate import Accelerator
+
+    from rlclip.utils import ProcessReducer
+
+    corrected = correction_once(ProcessReducer(Accelerator()))
     runs = train_two_modes()
     nan_report = nan_grad_report(out / "nan_run")
     import torch.distributed as dist
@@ -46,6 +52,7 @@ def main() -> None:
         for case, result in results.items():
             torch.save(result, out / f"step_{case}.pt")
         (out / "train.json").write_text(json.dumps({"world_size": world, **runs}))
+        torch.save(corrected, out / "correction_rank0.pt")
 
 
 if __name__ == "__main__":
