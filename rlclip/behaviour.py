@@ -41,7 +41,8 @@ from rlclip.is_correction import rollout_correction
 from rlclip.lazy import torch
 from rlclip.objectives.base import Reducer
 from rlclip.policy import unwrap
-from rlclip.utils import ProcessReducer, split_indices
+from rlclip.types import ObjectiveOutput
+from rlclip.utils import MetricAccumulator, ProcessReducer, split_indices
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -69,6 +70,7 @@ class BehaviourPass:
         self.proximal = rollout.proximal
         # the sampler is the trainer's current policy only with hf, no lag and a recomputed pi_prox
         self.corrects = rollout.backend != "hf" or rollout.staleness > 0 or rollout.proximal != "recompute"
+        self.step_metrics = MetricAccumulator("rollout")  # A-3PO corrects at each update step
 
     def old_logprobs_needed(self, rollout: RolloutBatch) -> bool:
         """Whether pi_old differs from the current policy at update time, or the reward needs it.
@@ -118,8 +120,8 @@ class BehaviourPass:
         batch.is_weights, keep, metrics = rollout_correction(
             prox_logprobs, batch.sampler_logprobs, batch.completion_mask, mode=r.is_mode, cap=r.is_cap,
             floor=r.is_floor, batch_normalize=r.is_batch_normalize, rejection=r.rejection, reduce=reduce)  # [N, T]
-        if r.rejection:  # rejected tokens leave the loss and its token counts, as verl's modified response mask
-            batch.completion_mask = batch.completion_mask * keep.to(batch.completion_mask.dtype)  # [N, T]
+        if r.rejection:  # applied after the advantages (GAE runs over the original tokens, as verl's)
+            batch.rejection_keep = keep  # [N, T]
         return metrics
 
     def loglinear(self, micro: RolloutBatch, logprobs: Tensor, version: int) -> Tensor:
@@ -132,8 +134,18 @@ class BehaviourPass:
         current = logprobs.detach()  # [b, T]
         sampler = torch.where(torch.isnan(micro.sampler_logprobs), current, micro.sampler_logprobs)  # NaN: no mu
         prox = sampler + alpha * (current - sampler)  # [b, T]
-        self.correct(micro, prox, Reducer())  # rows are whole responses: token and sequence modes are row-local
+        metrics = self.correct(micro, prox, Reducer())  # rows are whole responses: token and sequence modes are row-local
+        self.step_metrics.add(ObjectiveOutput(loss=prox.new_zeros(()), metrics={
+            k.removeprefix("rollout/"): v for k, v in metrics.items()}), float(micro.completion_mask.sum()))
         return prox
+
+    def end_step(self) -> dict[str, float]:
+        """A-3PO's correction statistics of the optimizer step (token-weighted over micro-batches and processes)."""
+        if self.proximal != "loglinear":
+            return {}
+        metrics, self.step_metrics = self.step_metrics.reduce(self.accelerator), MetricAccumulator("rollout")
+        metrics.pop("loss")
+        return metrics
 
     def reference_logprobs(self, micro: RolloutBatch, model: nn.Module, ref_model: nn.Module | None) -> Tensor:
         """log pi_ref of ``micro``'s tokens: the frozen reference, or with LoRA the base model (adapters off)."""

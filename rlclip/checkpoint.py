@@ -346,7 +346,7 @@ def save_run(trainer: Any) -> Path:
         state.update(update_position=done)
         per_process["rollout"] = {"batch": rollout, "metrics": rollout_metrics}
     queue = trainer.queue.state_dict()  # rollouts sampled but not yet trained on (rollout.staleness > 0)
-    state["sampled"] = queue["sampled"]
+    state.update(sampled=queue["sampled"], staleness=trainer.queue.staleness)
     if queue["waiting"]:
         per_process["queue"] = queue
     state["extras"] = ["clipper", *per_process]
@@ -372,6 +372,11 @@ def resume_run(trainer: Any) -> None:
         saved = read("rollout")
         trainer.pending = (saved["batch"], saved["metrics"], int(state["update_position"]))
     queue = read("queue") if "queue" in state.get("extras", []) else None
+    layout = (state.get("staleness"), state.get("num_processes", trainer.accelerator.num_processes))
+    if queue is not None and layout != (trainer.queue.staleness, trainer.accelerator.num_processes):
+        raise ConfigError(f"{path.name} holds the rollouts of a staleness queue (rollout.staleness={layout[0]}, "
+                          f"{layout[1]} processes, one queue each); resume with the same rollout.staleness and "
+                          "number of processes")
     sampled = int(state.get("sampled", trainer.rollout_index + (trainer.pending is not None)))
     trainer.queue.load_state_dict(queue or {"waiting": [], "sampled": sampled})
     saved_world = state.get("num_processes", trainer.accelerator.num_processes)

@@ -93,3 +93,23 @@ def value_loss(critic: nn.Module, micro: Any, num_tokens: Tensor, value_clip: fl
     return ObjectiveOutput(loss=aggregate(per_token, mask, "token_mean", num_tokens),
                            metrics={"value_clip_frac": masked_mean(clipped.to(values.dtype), mask),
                                     "values_mean": masked_mean(values.detach(), mask)})
+
+
+def gae_advantages(rollout: Any, cfg: Any, accelerator: Any) -> dict[str, float]:
+    """PPO mode's advantage stage: GAE over the rollout's outcome rewards (plus the KL to the reference folded
+    in with ``kl_in_reward``) and the critic's values, whitened over all processes; sets ``rollout.advantages``
+    and ``rollout.returns`` and returns ``critic/...`` metrics. ``cfg``: the ``advantage`` config section."""
+    from rlclip import advantages as adv_lib
+    from rlclip.utils import global_moments
+
+    mask = rollout.completion_mask  # [N, T]
+    kl = rollout.old_logprobs - rollout.ref_logprobs if cfg.kl_in_reward > 0 else None  # [N, T]
+    token_rewards = adv_lib.outcome_token_rewards(rollout.rewards, mask, kl, cfg.kl_in_reward)  # [N, T]
+    advantages, rollout.returns = adv_lib.gae(token_rewards, rollout.old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten:
+        advantages = adv_lib.whiten(advantages, mask, *global_moments(accelerator, advantages, mask))
+    rollout.advantages = advantages.float()  # [N, T]
+    ret_mean, ret_var = global_moments(accelerator, rollout.returns, mask)
+    _, residual_var = global_moments(accelerator, rollout.returns - rollout.old_values, mask)
+    return {"critic/returns_mean": float(ret_mean), "critic/returns_std": float(ret_var.sqrt()),
+            "critic/explained_variance": float(explained_variance(ret_var, residual_var))}

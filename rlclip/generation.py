@@ -145,7 +145,11 @@ class VLLMGenerator:
 
     def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
                  settings: SamplingSettings) -> RolloutBatch:
-        engine = self.sync(model, tokenizer, records, settings)
+        return self.sample(self.sync(model, tokenizer, records, settings), model, tokenizer, records, settings)
+
+    def sample(self, engine: Any, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
+               settings: SamplingSettings) -> RolloutBatch:
+        """Sample on ``engine`` as it is (no weight copy: :meth:`sync` made it; safe in a background thread)."""
         prompt_ids, prompt_mask, overflow = encode_prompts(tokenizer, [r["prompt"] for r in records], settings)
         prompt_ids = prompt_ids.repeat_interleave(settings.group_size, dim=0)  # [B, P]
         prompt_mask = prompt_mask.repeat_interleave(settings.group_size, dim=0)  # [B, P]

@@ -59,6 +59,9 @@ class RolloutQueue:
             self.sampled += 1
         return self.waiting.popleft()
 
+    def close(self) -> None:
+        """Training ended: nothing runs in the background (the in-turn queue has nothing to stop)."""
+
     def state_dict(self) -> dict[str, Any]:
         """The waiting rollouts (with their metrics) and the sample counter, for a checkpoint."""
         return {"waiting": list(self.waiting), "sampled": self.sampled}
@@ -102,6 +105,14 @@ class BackgroundRolloutQueue(RolloutQueue):
         if not self.waiting:  # k = 0: nothing to train on until it is done
             self._collect()
         return self.waiting.popleft()
+
+    def close(self) -> None:
+        """Training ended: the generation in flight is not waited for (nor trained on); the worker thread goes
+        when it returns."""
+        if self.in_flight is not None:
+            self.in_flight.cancel()
+            self.in_flight = None
+        self.worker.shutdown(wait=False, cancel_futures=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The in-flight generation is finished first: a checkpoint holds only scored rollouts."""

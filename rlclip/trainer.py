@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from rlclip.config import (
     build_objective_from_config,
 )
 from rlclip.console import ZeroAdvantageWatch, run_summary, start_banner
-from rlclip.critic import explained_variance, value_loss
+from rlclip.critic import gae_advantages, value_loss
 from rlclip.data import check_records, load_records
 from rlclip.entropy_bonus import EntropyBonus
 from rlclip.generation import build_generator
@@ -58,7 +59,6 @@ from rlclip.utils import (
     MetricAccumulator,
     ProcessReducer,
     all_reduce,
-    global_moments,
     rows_of,
     split_indices,
 )
@@ -174,6 +174,7 @@ class Trainer:
             with self.stop:
                 return self._train()
         finally:
+            self.queue.close()
             if self.lock is not None:
                 self.lock.release()
 
@@ -241,12 +242,15 @@ class Trainer:
     def launch_sample(self, index: int) -> Callable[[], RolloutBatch]:
         """Copy the weights to the sampler if they moved; the generation of rollout ``index``, to run now or in
         the background (a vLLM server: rlclip/staleness.py)."""
-        records, version = self.next_prompts(index), self.rollout_index
-        if hasattr(self.generator, "sync"):
-            self.generator.sync(self.model, self.tokenizer, records, self.sampling_settings())
+        records, version, settings = self.next_prompts(index), self.rollout_index, self.sampling_settings()
+        if hasattr(self.generator, "sync"):  # a vLLM engine: copy here, sample on that copy (never copy there)
+            engine = self.generator.sync(self.model, self.tokenizer, records, settings)
+            sample = partial(self.generator.sample, engine, self.model, self.tokenizer, records, settings)
+        else:
+            sample = partial(self.generate, records)
 
         def generate() -> RolloutBatch:
-            rollout = self.generate(records)
+            rollout = sample()
             rollout.policy_version = version
             return rollout
 
@@ -264,6 +268,8 @@ class Trainer:
         """At train time: behaviour log-probs (pi_prox) and rollout correction, then the advantages."""
         metrics = self.record_behaviour(rollout)
         metrics.update(self.estimate_advantages(rollout))
+        if rollout.rejection_keep is not None:  # rejected tokens leave the loss and its token counts (verl)
+            rollout.completion_mask = rollout.completion_mask * rollout.rejection_keep.to(rollout.completion_mask.dtype)
         largest = (rollout.advantages.abs() * rollout.completion_mask).max()  # 0: nothing to learn from
         self.zero_advantage.observe(bool(all_reduce(self.accelerator, largest, "max") == 0))
         if self.config.rollout.staleness:
@@ -323,23 +329,14 @@ class Trainer:
 
     def estimate_advantages(self, rollout: RolloutBatch) -> dict[str, float]:
         """Advantage: group baselines (grpo, dr_grpo, rloo) or GAE on the critic's values."""
-        cfg, mask = self.config.advantage, rollout.completion_mask
+        cfg = self.config.advantage
         if cfg.name != "gae":
             kwargs = {"eps": cfg.eps} if cfg.name == "grpo" else {}
             seq_adv = adv_lib.GROUP_ESTIMATORS[cfg.name](rollout.rewards.float(), self.config.rollout.group_size,
                                                          **kwargs)  # [N]
             rollout.advantages = seq_adv.unsqueeze(1).expand_as(rollout.completion_ids).contiguous()  # [N, T]
             return {}
-        kl = rollout.old_logprobs - rollout.ref_logprobs if cfg.kl_in_reward > 0 else None  # [N, T]
-        token_rewards = adv_lib.outcome_token_rewards(rollout.rewards, mask, kl, cfg.kl_in_reward)  # [N, T]
-        advantages, rollout.returns = adv_lib.gae(token_rewards, rollout.old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten:
-            advantages = adv_lib.whiten(advantages, mask, *global_moments(self.accelerator, advantages, mask))
-        rollout.advantages = advantages.float()  # [N, T]
-        ret_mean, ret_var = global_moments(self.accelerator, rollout.returns, mask)
-        _, residual_var = global_moments(self.accelerator, rollout.returns - rollout.old_values, mask)
-        return {"critic/returns_mean": float(ret_mean), "critic/returns_std": float(ret_var.sqrt()),
-                "critic/explained_variance": float(explained_variance(ret_var, residual_var))}
+        return gae_advantages(rollout, cfg, self.accelerator)  # PPO mode: GAE on the critic's values
 
     def record_behaviour(self, rollout: RolloutBatch) -> dict[str, float]:
         """No-grad passes after generation (rlclip/behaviour.py): behaviour, reference and value estimates."""
@@ -425,6 +422,7 @@ class Trainer:
         result.update(self.gradient_step.apply(self.step, self.model, self.critic, train_policy,
                                                policy_metrics.loss, critic_metrics.loss))
         result["optim/lr"] = self.scheduler.get_last_lr()[0]
+        result.update(self.behaviour.end_step())
         return result
 
     def step_statistics(self, mini_batch: RolloutBatch, chunks: list[Tensor], num_tokens: Tensor,

@@ -114,6 +114,9 @@ class RolloutBatch:
     where the sampler gave none. Filled by every backend (None only for a hand-built batch)."""
     policy_version: int = 0
     """The policy version that sampled this rollout (a version counts rollouts consumed; see rollout.staleness)."""
+    rejection_keep: Tensor | None = None
+    """``[B, T]`` 1 where the rollout correction's rejection masks kept a token (``rollout.rejection``); the trainer
+    takes the others out of ``completion_mask`` after the advantages. None: nothing rejected."""
     is_weights: Tensor | None = None
     """``[B, T]`` importance-sampling weights of the sampler mismatch (rlclip/is_correction.py); None: 1."""
 

@@ -191,6 +191,7 @@ def test_loglinear_interpolates_between_sampler_and_current_policy_by_versions(t
     (["rollout.proximal=bypass", "objective.name=troll"], "needs the old policy's sparse support"),
     (["rollout.proximal=loglinear", "rollout.is_batch_normalize=true"], "batch statistics"),
     (["rollout.proximal=loglinear", "advantage.kl_in_reward=0.1"], "kl_in_reward"),
+    (["rollout.proximal=bypass", "rollout.rejection=[{metric: token_k1, upper: 1.0}]"], "would do nothing"),
     (["rollout.proximal=sometimes"], "unknown rollout.proximal 'sometimes'; choose recompute, bypass or loglinear"),
     (["rollout.staleness=-1"], "rollout.staleness must be >= 0, got -1"),
 ])
@@ -199,3 +200,39 @@ def test_offpolicy_settings_that_cannot_work_are_refused(tmp_path, overrides, me
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(tmp_path, *overrides)
+
+
+def test_rejected_tokens_leave_the_mask_after_the_advantages(tmp_path):
+    """GAE runs over the original tokens (a rejected token must not cut its response's return), then the rejected
+    tokens leave the completion mask and so the loss and its counts (verl's modified response mask)."""
+    from rlclip.critic import gae_advantages
+
+    trainer = trainer_for(tmp_path, "rollout.staleness=1", "advantage.name=gae", "rollout.is_mode=token_truncate",
+                          "rollout.rejection=[{metric: token_k2, upper: 0.02}]", "max_steps=2")
+    trainer.train()  # one rollout: version 1 now, and the next rollout waits, sampled by version 0
+    rollout, _ = trainer.queue.pop()
+    original = rollout.completion_mask.clone()
+    metrics = trainer.prepare(rollout)
+    keep = rollout.rejection_keep
+    assert 0 < metrics["rollout/rejected_frac/token_k2"] < 1
+    assert torch.equal(rollout.completion_mask, original * keep.to(original.dtype))
+    reference = copy.copy(rollout)
+    reference.completion_mask = original
+    gae_advantages(reference, trainer.config.advantage, trainer.accelerator)
+    torch.testing.assert_close(rollout.advantages, reference.advantages, rtol=0, atol=0)
+
+
+def test_loglinear_logs_its_correction_each_step(tmp_path):
+    history = trainer_for(tmp_path, "rollout.proximal=loglinear", "rollout.staleness=1", "max_steps=4",
+                          "rollout.is_mode=token_truncate").train()
+    assert all(0 < h["rollout/is_weight_mean"] <= 3.0 for h in history)
+    assert history[-1]["rollout/sampler_kl_k3"] > 0  # pi_prox moved off mu once the lag is 1
+
+
+def test_a_queue_resumes_only_with_its_staleness_and_process_count(tmp_path):
+    from rlclip.errors import ConfigError
+
+    trainer_for(tmp_path, "rollout.staleness=2", "max_steps=4", "save_steps=4").train()
+    with pytest.raises(ConfigError, match=r"checkpoint-4 holds the rollouts of a staleness queue \(rollout.staleness"
+                                          r"=2, 1 processes"):
+        trainer_for(tmp_path, "rollout.staleness=1", "resume_from_checkpoint=latest").train()

@@ -1,6 +1,6 @@
 """Soak test: does a long tiny run leak memory, file descriptors or disk?
 
-    python eval/bench/soak.py [--steps 300] [--output-dir runs/soak] [--warmup 50] [--report PATH]
+    python eval/bench/soak.py [--steps 300] [--output-dir runs/soak] [--warmup 50] [--report PATH] [--section.key VALUE ...]
 
 Runs the smoke recipe (``recipes/smoke/tiny.yaml``: a tiny random Llama built on the fly, CPU) in a child
 process, ``python -m rlclip train --config recipes/smoke/tiny.yaml --max_steps STEPS --save_steps 50
@@ -194,13 +194,14 @@ def analyse(samples: list[dict[str, Any]], warmup: int, keep_last: int | None = 
     }
 
 
-def run(steps: int, output_dir: Path, save_steps: int, keep_last: int, poll: float) -> dict[str, Any]:
+def run(steps: int, output_dir: Path, save_steps: int, keep_last: int, poll: float,
+        extra: list[str] | None = None) -> dict[str, Any]:
     """Train in a child process and sample it; return the samples, the command and the run's facts."""
     if output_dir.exists() and (output_dir / SAMPLES).exists():
         shutil.rmtree(output_dir)  # a previous soak's directory: start from nothing
     cmd = [sys.executable, "-m", "rlclip", "train", "--config", RECIPE, "--max_steps", str(steps),
            "--save_steps", str(save_steps), "--keep_last", str(keep_last), "--output_dir", str(output_dir),
-           "--overwrite_output_dir", "true", "--logging.progress_bar", "false"]
+           "--overwrite_output_dir", "true", "--logging.progress_bar", "false", *(extra or [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # as tests/conftest.py: 2 shared cores
@@ -279,8 +280,8 @@ def main() -> int:
     parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--poll", type=float, default=0.05, help="seconds between polls of metrics.jsonl")
     parser.add_argument("--report", type=Path, default=None, help="also write the numbers here (markdown)")
-    args = parser.parse_args()
-    facts = run(args.steps, args.output_dir.resolve(), args.save_steps, args.keep_last, args.poll)
+    args, extra = parser.parse_known_args()  # the rest: recipe overrides, e.g. --rollout.staleness 2
+    facts = run(args.steps, args.output_dir.resolve(), args.save_steps, args.keep_last, args.poll, extra)
     result = analyse(facts["samples"], args.warmup, args.keep_last)
     table = report_md(facts, result)
     print(table)

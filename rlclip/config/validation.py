@@ -53,6 +53,10 @@ def _check_offpolicy(config: TrainConfig, objective: Any) -> None:
         raise ConfigError(f"objective {config.objective.get('name')} needs the old policy's sparse support, which "
                           f"only a forward pass gives; rollout.proximal: {rollout.proximal} skips it. Use "
                           "rollout.proximal: recompute")
+    if rollout.proximal == "bypass" and (rollout.is_batch_normalize or rollout.rejection):
+        raise ConfigError("rollout.proximal: bypass makes pi_prox the sampler, so pi_prox / mu is 1 and "
+                          "rollout.is_batch_normalize and rollout.rejection would do nothing; use rollout.proximal: "
+                          "recompute, or drop them")
     if rollout.proximal != "loglinear":
         return
     if rollout.is_batch_normalize or rollout.rejection:
