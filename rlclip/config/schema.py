@@ -104,7 +104,7 @@ class RolloutConfig:
     rejection: list[dict[str, Any]] = field(default_factory=list)
     """Rejection masks (verl's rollout_rs): each ``{metric, lower, upper}`` drops the tokens (token_*) or whole responses (seq_*) whose statistic of log r = log(pi_prox / mu) falls outside [lower, upper] (inclusive); dropped tokens leave the loss and its token counts. metric: token_k1|token_k2|token_k3, seq_sum_k1..k3, seq_mean_k1..k3, seq_max_k2|seq_max_k3, with k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r. ``upper`` is required; k1's ``lower`` defaults to -upper, k2 and k3 take no lower (docs/offpolicy.md)."""
     staleness: int = 0
-    """Policy lag k: the update at policy version n trains on a rollout sampled by version n - k (a version counts rollouts consumed); 0 is synchronous. hf and vllm_colocate generate the next rollout with the current weights before training on the oldest, so the data equal an asynchronous pipeline with lag k, deterministically."""
+    """Policy lag k: the update at policy version n trains on a rollout sampled by version n - k (a version counts rollouts consumed); 0 is synchronous. The next rollout is generated with the current weights before training on the oldest (with vllm_server on one process, in a background thread during the update), so the data equal an asynchronous pipeline with lag k, deterministically (docs/offpolicy.md)."""
     proximal: str = "recompute"
     """The policy pi_prox the objective's ratio is taken against: recompute (a no-grad pass at train time, the default), bypass (pi_prox := the sampler mu, no pass: verl's bypass mode) or loglinear (A-3PO: log pi_prox interpolated between mu and the current policy by policy versions)."""
 
