@@ -1,10 +1,14 @@
-"""The objective API (contract 1): base class, registry, aggregation, KL estimators.
+"""The objective API (contract 1): the :class:`Objective` base class and the registry.
 
 An objective is a small class: its settings are constructor arguments and its
 ``surrogate`` is a pure function of a :class:`PolicyBatch` that returns a
 per-token loss ``[B, T]``. Aggregation over tokens and the KL penalty to a
-reference model are shared by every objective and live here, apart from the
-surrogate (as verl's ``agg_loss``, unlike TRL's ``loss_type``).
+reference model are shared by every objective and applied here, apart from the
+surrogate (as verl's ``agg_loss``, unlike TRL's ``loss_type``); their formulas
+live in :mod:`rlclip.objectives.aggregation` and :mod:`rlclip.objectives.kl`,
+the token filters in :mod:`rlclip.objectives.filters`, the cross-process
+:class:`Reducer` in :mod:`rlclip.objectives.reduce`. Their names stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -19,137 +23,40 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlclip.errors import ConfigError, ObjectiveError
 from rlclip.lazy import torch
-from rlclip.objectives.filters import M2_COUNTED, M2_KEEP, M2_MASKED, M2_MEAN, m2_statistics
+from rlclip.objectives.aggregation import AGG_MODES, aggregate, masked_max, masked_mean, masked_min
+from rlclip.objectives.filters import (
+    ENTROPY_KEEP,
+    ENTROPY_KEPT,
+    FILTER_KEYS,
+    M2_COUNTED,
+    M2_KEEP,
+    M2_MASKED,
+    M2_MEAN,
+    drop_truncated,
+    entropy_statistics,
+    linear_quantile,
+    m2_statistics,
+    off_policy_keep,
+)
+from rlclip.objectives.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, LOW_VAR_KL_CLAMP, kl_estimate, token_ratio
+from rlclip.objectives.reduce import Reducer
 from rlclip.types import ObjectiveOutput, PolicyBatch
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
-LOW_VAR_KL_CLAMP = 10.0
 NEEDS = frozenset({"entropy", "ref", "support"})
 STEP_NEEDS = frozenset({"entropy", "logprobs"})
-LOG_RATIO_CLAMP = 20.0
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` is 1 (0 when nothing is selected)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
-def masked_min(values: Tensor, mask: Tensor) -> Tensor:
-    """Minimum of ``values`` where ``mask`` is 1 (0 when nothing is selected)."""
-    if not bool(mask.any()):
-        return values.new_zeros(())
-    return values.masked_fill(mask == 0, float("inf")).min()
-
-
-def masked_max(values: Tensor, mask: Tensor) -> Tensor:
-    """Maximum of ``values`` where ``mask`` is 1 (0 when nothing is selected)."""
-    if not bool(mask.any()):
-        return values.new_zeros(())
-    return values.masked_fill(mask == 0, float("-inf")).max()
-
-
-def aggregate(values: Tensor, mask: Tensor, mode: str = "token_mean", num_tokens: Any = None,
-              num_sequences: Any = None, norm_len: int | None = None) -> Tensor:
-    """Reduce a per-token loss ``values [B, T]`` to a scalar.
-
-    - ``token_mean``: sum(L * mask) / N, N = ``num_tokens`` or mask.sum().
-    - ``seq_mean_token_mean``: mean over sequences of each sequence's token mean.
-    - ``seq_mean_token_sum``: mean over sequences of each sequence's token sum.
-    - ``seq_mean_token_sum_norm`` (Dr. GRPO, arXiv 2503.20783): each sequence's
-      token sum divided by a constant ``norm_len`` (default: T), then the mean
-      over sequences.
-
-    Sequence means divide by ``num_sequences`` when given, else by the number
-    of rows with at least one counted token. The trainer passes the global
-    counts of the optimizer step so that micro-batching and data parallelism
-    leave the update unchanged.
-    """
-    mask = mask.to(values.dtype)
-    if mode == "token_mean":
-        denom = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
-        return (values * mask).sum() / denom
-    token_sum = (values * mask).sum(-1)  # [B]
-    if mode == "seq_mean_token_mean":
-        per_seq = token_sum / mask.sum(-1).clamp_min(1)
-    elif mode == "seq_mean_token_sum":
-        per_seq = token_sum
-    elif mode == "seq_mean_token_sum_norm":
-        per_seq = token_sum / float(norm_len or values.shape[-1])
-    else:
-        raise ConfigError(f"unknown aggregation {mode!r}; choose one of {', '.join(AGG_MODES)}")
-    denom = (mask.sum(-1) > 0).sum().clamp_min(1) if num_sequences is None else num_sequences
-    return per_seq.sum() / denom
-
-
-def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta.
-
-    With d = ref_logprobs - logprobs (Schulman, "Approximating KL divergence"):
-    k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 with d clamped to [-20, 20];
-    ``low_var_kl`` = k3 with the value then clamped to [-10, 10], as verl's
-    ``kl_penalty_forward`` (verl/trainer/ppo/core_algos.py, branch "low_var_kl"
-    / "k3", which verl treats as the same estimator).
-    """
-    d = ref_logprobs - logprobs  # [B, T]
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator in ("k3", "low_var_kl"):
-        d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        k3 = torch.expm1(d) - d  # [B, T]
-        return k3 if estimator == "k3" else k3.clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
-    raise ConfigError(f"unknown kl_estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
-
-
-def token_ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
-    """Per-token importance ratio exp(clamp(logprobs - old_logprobs, -20, 20)) ``[B, T]``, with grad."""
-    return torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-
-
-class Reducer:
-    """Reductions across the processes of one optimizer step; this one is the identity (one process).
-
-    The trainer passes a distributed subclass to :meth:`Objective.step_statistics`.
-    """
-
-    def sum(self, tensor: Tensor) -> Tensor:
-        """Element-wise sum over processes."""
-        return tensor
-
-    def max(self, tensor: Tensor) -> Tensor:
-        """Element-wise maximum over processes."""
-        return tensor
-
-    def min(self, tensor: Tensor) -> Tensor:
-        """Element-wise minimum over processes."""
-        return tensor
-
-    def cat(self, tensor: Tensor) -> Tensor:
-        """1-D tensors of any length from every process, concatenated in rank order."""
-        return tensor
-
-
-def linear_quantile(values: Tensor, q: float) -> Tensor | None:
-    """The q-quantile of a 1-D tensor with linear interpolation (as ``torch.quantile``); None when empty.
-
-    With n values sorted ascending as v: p = q (n - 1), lerp(v[floor p], v[ceil p], p - floor p).
-    Unlike ``torch.quantile`` it has no input-size limit.
-    """
-    n = values.numel()
-    if n == 0:
-        return None
-    ordered = values.sort().values
-    pos = q * (n - 1)
-    below, above = int(pos), min(int(pos) + 1, n - 1)
-    return torch.lerp(ordered[below], ordered[above], ordered.new_tensor(pos - int(pos)))
+__all__ = [  # the names moved out stay importable from here
+    "AGG_MODES", "ENTROPY_KEEP", "ENTROPY_KEPT", "FILTER_KEYS", "KL_ESTIMATORS", "LOG_RATIO_CLAMP",
+    "LOW_VAR_KL_CLAMP", "M2_COUNTED", "M2_KEEP", "M2_MASKED", "M2_MEAN", "NEEDS", "STEP_NEEDS", "Objective",
+    "Reducer", "aggregate", "available_objectives", "build_objective", "kl_estimate", "linear_quantile",
+    "masked_max", "masked_mean", "masked_min", "m2_statistics", "objective_parameters", "register_objective",
+    "token_ratio",
+]
 
 
 def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict[str, Tensor]]:
@@ -170,10 +77,6 @@ def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..
     step_statistics._with_filters = True  # type: ignore[attr-defined]
     return step_statistics
 
-
-ENTROPY_KEEP = "filter_entropy_keep"
-ENTROPY_KEPT = "filter_entropy_kept"
-FILTER_KEYS = frozenset({ENTROPY_KEEP, M2_KEEP})
 
 
 class Objective(abc.ABC):
@@ -307,7 +210,7 @@ class Objective(abc.ABC):
         if truncated is None:
             raise ValueError(f"objective {self.name or type(self).__name__!r} with mask_truncated needs "
                              "PolicyBatch.truncated")
-        return mask * (~truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [B, T]
+        return drop_truncated(mask, truncated)  # [B, T]
 
     def count_masked(self, batch: PolicyBatch) -> PolicyBatch:
         """``batch`` with its mask replaced by :meth:`count_mask` (the same batch when nothing changes)."""
@@ -328,14 +231,7 @@ class Objective(abc.ABC):
         if batch.entropy is None:
             raise ValueError(f"objective {self.name or type(self).__name__!r} with entropy_top_quantile needs "
                              "PolicyBatch.entropy")
-        entropy, counted = batch.entropy.detach(), batch.mask.bool()  # [B, T]
-        pooled = reduce.cat(entropy[counted])  # [n_step] over all processes
-        threshold = linear_quantile(pooled, 1.0 - self.entropy_top_quantile)
-        if threshold is None:  # no counted token anywhere: nothing trains
-            return {ENTROPY_KEEP: torch.zeros_like(counted), "filter_entropy_threshold": entropy.new_zeros(()),
-                    ENTROPY_KEPT: entropy.new_zeros(())}
-        return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold,
-                ENTROPY_KEPT: (pooled >= threshold).sum().to(entropy.dtype)}
+        return entropy_statistics(batch.entropy, batch.mask, self.entropy_top_quantile, reduce)
 
     def _filter_stats(self, batch: PolicyBatch, key: str) -> dict[str, Tensor]:
         stats = batch.step_stats or {}
@@ -376,10 +272,8 @@ class Objective(abc.ABC):
             metrics["m2_masked_frac"] = stats[M2_MASKED] / stats[M2_COUNTED].clamp_min(1)
             metrics["m2_mean"] = stats[M2_MEAN]
         if self.off_policy_mask is not None:
-            mask = batch.mask.to(batch.logprobs.dtype)
-            kl = torch.nan_to_num(batch.old_logprobs - batch.logprobs.detach(), nan=0.0)  # [B, T]
-            seq_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)  # [B, 1]
-            off = ((batch.advantages >= 0) | (seq_kl <= self.off_policy_mask)).to(mask.dtype)  # [B, T]
+            off = off_policy_keep(batch.logprobs, batch.old_logprobs, batch.advantages, batch.mask,
+                                  self.off_policy_mask)  # [B, T]
             keep = off if keep is None else keep * off
         return keep, metrics
 

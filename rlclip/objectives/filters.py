@@ -1,4 +1,12 @@
-"""M2PO's second-moment token filter (``Objective(m2_threshold=...)``), a step statistic.
+"""The token filters of :class:`Objective`, as functions of tensors; the Objective methods call them.
+
+- ``entropy_top_quantile``: :func:`entropy_statistics` (a step statistic) keeps the
+  counted tokens whose entropy is at least the step's (1 - rho)-quantile
+  (:func:`linear_quantile`).
+- ``off_policy_mask``: :func:`off_policy_keep` drops the tokens with A < 0 of a
+  sequence whose mean KL(old || new) estimate exceeds the threshold.
+- ``mask_truncated``: :func:`drop_truncated` zeroes the rows of truncated completions.
+- ``m2_threshold``: M2PO's second-moment filter, a step statistic (:func:`m2_statistics`), below.
 
 M2PO (Zheng et al. 2025, "Prosperity before Collapse: How Far Can Off-Policy RL
 Reach with Stale Data on LLMs?", arXiv 2510.01161) bounds the second moment of
@@ -36,6 +44,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rlclip.lazy import torch
+from rlclip.objectives.kl import LOG_RATIO_CLAMP
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -44,8 +53,55 @@ M2_KEEP = "filter_m2_keep"
 M2_MASKED = "filter_m2_masked"
 M2_COUNTED = "filter_m2_counted"
 M2_MEAN = "filter_m2_mean"
-LOG_RATIO_CLAMP = 20.0
-"""As ``rlclip.objectives.base.LOG_RATIO_CLAMP`` (not imported: base imports this module)."""
+ENTROPY_KEEP = "filter_entropy_keep"
+ENTROPY_KEPT = "filter_entropy_kept"
+FILTER_KEYS = frozenset({ENTROPY_KEEP, M2_KEEP})
+
+
+def linear_quantile(values: Tensor, q: float) -> Tensor | None:
+    """The q-quantile of a 1-D tensor with linear interpolation (as ``torch.quantile``); None when empty.
+
+    With n values sorted ascending as v: p = q (n - 1), lerp(v[floor p], v[ceil p], p - floor p).
+    Unlike ``torch.quantile`` it has no input-size limit.
+    """
+    n = values.numel()
+    if n == 0:
+        return None
+    ordered = values.sort().values
+    pos = q * (n - 1)
+    below, above = int(pos), min(int(pos) + 1, n - 1)
+    return torch.lerp(ordered[below], ordered[above], ordered.new_tensor(pos - int(pos)))
+
+
+def entropy_statistics(entropy: Tensor, mask: Tensor, top_quantile: float, reduce: Any) -> dict[str, Tensor]:
+    """The step statistics of ``entropy_top_quantile``: the keep mask ``[B, T]`` (bool), threshold and kept count.
+
+    ``entropy`` ``[B, T]`` of the current policy, ``mask`` the counted tokens, ``reduce``
+    a ``rlclip.objectives.reduce.Reducer`` (its ``cat`` pools the step's tokens over processes).
+    """
+    entropy, counted = entropy.detach(), mask.bool()  # [B, T]
+    pooled = reduce.cat(entropy[counted])  # [n_step] over all processes
+    threshold = linear_quantile(pooled, 1.0 - top_quantile)
+    if threshold is None:  # no counted token anywhere: nothing trains
+        return {ENTROPY_KEEP: torch.zeros_like(counted), "filter_entropy_threshold": entropy.new_zeros(()),
+                ENTROPY_KEPT: entropy.new_zeros(())}
+    return {ENTROPY_KEEP: (entropy >= threshold) & counted, "filter_entropy_threshold": threshold,
+            ENTROPY_KEPT: (pooled >= threshold).sum().to(entropy.dtype)}
+
+
+def off_policy_keep(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
+    """The keep multiplier ``[B, T]`` of ``off_policy_mask``: 0 where A < 0 and the sequence's mean
+    KL(old || new) estimate, mean_t(old_logprobs - logprobs), exceeds ``threshold``."""
+    mask = mask.to(logprobs.dtype)
+    kl = torch.nan_to_num(old_logprobs - logprobs.detach(), nan=0.0)  # [B, T]
+    seq_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp_min(1)  # [B, 1]
+    return ((advantages >= 0) | (seq_kl <= threshold)).to(mask.dtype)  # [B, T]
+
+
+def drop_truncated(mask: Tensor, truncated: Tensor) -> Tensor:
+    """``mask`` ``[B, T]`` with the rows of truncated completions (``truncated [B]`` bool) zeroed."""
+    return mask * (~truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [B, T]
 
 
 def second_moment(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
@@ -79,7 +135,7 @@ def m2_statistics(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, threshol
     """The step statistics of ``m2_threshold``: the keep mask ``[B, T]`` (bool) and 0-d counts.
 
     ``logprobs`` are the current policy's (detached), ``mask`` the counted tokens
-    (``mask_truncated`` applied), ``reduce`` a ``rlclip.objectives.base.Reducer``
+    (``mask_truncated`` applied), ``reduce`` a ``rlclip.objectives.reduce.Reducer``
     (its ``cat`` pools the step's tokens over processes). Returns ``filter_m2_keep``
     (counted and not masked), ``filter_m2_masked`` and ``filter_m2_counted`` (token
     counts over the step) and ``filter_m2_mean`` (mean M2 over the step before masking).
