@@ -126,7 +126,7 @@ def parse_criteria(rejection: Sequence[Any] | None) -> list[Criterion]:
 def divergences(log_r: Tensor, estimator: str) -> Tensor:
     """Per-token k1, k2 or k3 of KL(mu || pi_prox) from log r = log pi_prox - log mu, clamped to [-20, 20].
 
-    The estimators are ``rlclip.objectives.base.kl_estimate``'s with its d = log r.
+    The estimators are ``rlclip.objectives.kl.kl_estimate``'s with its d = log r.
     """
     clamped = log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [N, T]
     return kl_estimate(torch.zeros_like(clamped), clamped, estimator)
