@@ -52,13 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 from rlclip.errors import ConfigError
 from rlclip.lazy import torch
-from rlclip.objectives.base import LOG_RATIO_CLAMP, Reducer
+from rlclip.objectives.base import Reducer
+from rlclip.objectives.importance import IS_MODES, capped_weights, log_ratios, unit_ratios
 from rlclip.rejection import Criterion, divergences, parse_criteria, rejection_masks
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none")
 SNIS_MIN_MEAN = 1e-8  # verl normalises only above this mean (rollout_corr_helper.py line 592)
 
 
@@ -95,23 +95,6 @@ def check_correction_settings(mode: str, cap: float, floor: float | None = None,
     return parse_criteria(rejection)
 
 
-def log_ratios(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """d ``[B, T]`` = old_logprobs - sampler_logprobs on counted tokens; 0 on the others and where either is NaN."""
-    counted = mask.bool()  # [B, T]
-    diff = old_logprobs.detach() - sampler_logprobs.detach()  # [B, T]
-    return torch.where(counted & ~torch.isnan(diff), diff, torch.zeros_like(diff))
-
-
-def capped_weights(ratio: Tensor, mode: str, cap: float, floor: float | None) -> Tensor:
-    """The weight of each unit from its ratio: clamped to [floor, cap], zeroed outside it, or 1 (``none``)."""
-    if mode.endswith("truncate"):
-        return ratio.clamp(min=floor, max=cap)
-    if mode.endswith("mask"):
-        outside = (ratio > cap) | (ratio < floor) if floor is not None else ratio > cap
-        return ratio.masked_fill(outside, 0.0)
-    return torch.ones_like(ratio)
-
-
 def rollout_correction(prox_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, *, mode: str, cap: float,
                        floor: float | None = None, batch_normalize: bool = False,
                        rejection: Sequence[Any] = (), reduce: Reducer | None = None,
@@ -139,8 +122,7 @@ def rollout_correction(prox_logprobs: Tensor, sampler_logprobs: Tensor, mask: Te
     counted = mask.bool()  # [N, T]
     d = log_ratios(prox_logprobs, sampler_logprobs, mask)  # [N, T]
     sequence = mode.startswith("sequence")
-    log_r = d.sum(-1, keepdim=True).expand_as(d) if sequence else d  # [N, T]
-    ratio = torch.exp(log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [N, T], before cap and floor
+    ratio = unit_ratios(d, mode)  # [N, T], before cap and floor
     weights = capped_weights(ratio, mode, cap, floor)  # [N, T]
     units = counted.any(-1, keepdim=True) if sequence else counted  # [N, 1] or [N, T]
     norm = None

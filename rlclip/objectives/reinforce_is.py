@@ -7,36 +7,19 @@ from typing import TYPE_CHECKING, Any
 from rlclip.errors import ConfigError
 from rlclip.lazy import torch
 from rlclip.objectives.base import LOG_RATIO_CLAMP, Objective, masked_mean, register_objective
+from rlclip.objectives.importance import IS_MODES, capped_weights, log_ratios, unit_ratios
 from rlclip.objectives.ratio_clip import ratio_metrics
 from rlclip.types import PolicyBatch
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "none")
-"""As ``rollout.is_mode`` (rlclip/is_correction.py; not imported: that module imports the objectives' base)."""
-
-
 def importance_weight(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, mode: str, cap: float,
                       floor: float | None) -> tuple[Tensor, Tensor]:
-    """``(w [B, T], rho [B, T])``, both detached: the capped weight and the ratio it came from.
-
-    d_t = logprobs_t - old_logprobs_t on counted tokens (0 elsewhere and where NaN);
-    rho = exp(clamp(d_t, -20, 20)) (token modes) or exp(clamp(sum_s d_s, -20, 20)) broadcast
-    over the response (sequence modes). Truncate: w = clamp(rho, floor, cap); mask: w = rho
-    inside [floor, cap] and 0 outside; none: w = 1.
-    """
-    counted = mask.bool()
-    diff = logprobs.detach() - old_logprobs.detach()  # [B, T]
-    d = torch.where(counted & ~torch.isnan(diff), diff, torch.zeros_like(diff))
-    log_r = d.sum(-1, keepdim=True).expand_as(d) if mode.startswith("sequence") else d  # [B, T]
-    rho = torch.exp(log_r.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
-    if mode == "none":
-        return torch.ones_like(rho), rho
-    if mode.endswith("truncate"):
-        return rho.clamp(min=floor, max=cap), rho
-    inside = (rho <= cap) if floor is None else (rho <= cap) & (rho >= floor)
-    return torch.where(inside, rho, torch.zeros_like(rho)), rho
+    """``(w [B, T], rho [B, T])``, both detached: the capped weight of pi_theta / pi_old and the ratio it came
+    from (rlclip/objectives/importance.py, the same modes as ``rollout.is_mode``)."""
+    rho = unit_ratios(log_ratios(logprobs, old_logprobs, mask), mode)  # [B, T]
+    return capped_weights(rho, mode, cap, floor), rho
 
 
 @register_objective("reinforce_is")
