@@ -60,19 +60,20 @@ class BehaviourPass:
         logprobs: ``(model, micro, record_support=...) -> {"logprobs": [b, T], "old_support": ...}``,
             the trainer's one route to ``rlclip.policy``.
         needs_reference: whether reference log-probs are needed (a KL term or KL in the reward).
+        other_sampler: another engine samples (a vLLM backend: ``Generator.corrects``).
     """
 
     def __init__(self, config: Any, objective: Any, accelerator: Any, logprobs: Callable[..., dict[str, Tensor]],
-                 needs_reference: bool) -> None:
+                 needs_reference: bool, other_sampler: bool = False) -> None:
         self.config, self.objective, self.accelerator = config, objective, accelerator
         self.logprobs, self.needs_reference = logprobs, needs_reference
         rollout = config.rollout
         self.proximal = rollout.proximal
-        # the sampler is the trainer's current policy only with hf, no lag and a recomputed pi_prox
-        self.corrects = rollout.backend != "hf" or rollout.staleness > 0 or rollout.proximal != "recompute"
+        # the sampler is the trainer's current policy only with its own engine, no lag and a recomputed pi_prox
+        self.corrects = other_sampler or rollout.staleness > 0 or rollout.proximal != "recompute"
         self.step_metrics = MetricAccumulator("rollout")  # A-3PO corrects at each update step
 
-    def old_logprobs_needed(self, rollout: RolloutBatch) -> bool:
+    def old_logprobs_needed(self) -> bool:
         """Whether pi_old differs from the current policy at update time, or the reward needs it.
 
         With one pass of one mini-batch over the trainer's own samples, pi_old is the
@@ -87,7 +88,7 @@ class BehaviourPass:
                critic: nn.Module | None) -> dict[str, float]:
         """Fill the rollout's behaviour fields; returns ``behaviour/...`` and ``rollout/...`` metrics."""
         record_support = "support" in self.objective.needs
-        keep_old = self.old_logprobs_needed(rollout)
+        keep_old = self.old_logprobs_needed()
         recompute = self.proximal == "recompute"
         behaviour_pass = (keep_old and recompute) or record_support  # TROLL records the old top set even on-policy
         old, supports, ref, values = [], [], [], []
@@ -124,8 +125,10 @@ class BehaviourPass:
             batch.rejection_keep = keep  # [N, T]
         return metrics
 
-    def loglinear(self, micro: RolloutBatch, logprobs: Tensor, version: int) -> Tensor:
-        """A-3PO's pi_prox ``[b, T]`` from the update's own log-probs; sets ``micro.is_weights`` (pi_prox / mu).
+    def loglinear(self, micro: RolloutBatch, logprobs: Tensor, version: int, correct: bool = True) -> Tensor:
+        """A-3PO's pi_prox ``[b, T]`` from the update's own log-probs; with ``correct``, also sets
+        ``micro.is_weights`` (pi_prox / mu) and counts the step's correction statistics (the update's forward
+        does; the no-grad pass for whole-step statistics does not, so nothing is counted twice).
 
         ``version``: the policy version being trained (the rollouts consumed so far).
         """
@@ -134,6 +137,8 @@ class BehaviourPass:
         current = logprobs.detach()  # [b, T]
         sampler = torch.where(torch.isnan(micro.sampler_logprobs), current, micro.sampler_logprobs)  # NaN: no mu
         prox = sampler + alpha * (current - sampler)  # [b, T]
+        if not correct:
+            return prox
         metrics = self.correct(micro, prox, Reducer())  # rows are whole responses: token and sequence modes are row-local
         self.step_metrics.add(ObjectiveOutput(loss=prox.new_zeros(()), metrics={
             k.removeprefix("rollout/"): v for k, v in metrics.items()}), float(micro.completion_mask.sum()))

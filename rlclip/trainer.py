@@ -106,7 +106,8 @@ class Trainer:
         self.zero_advantage = ZeroAdvantageWatch(self._say, config.rollout.temperature)
         self.telemetry = TrustTelemetry() if config.logging.trust_metrics else None
         self.stop = StopRequest()
-        self.behaviour = BehaviourPass(config, self.objective, self.accelerator, self._logprobs, self.needs_reference)
+        self.behaviour = BehaviourPass(config, self.objective, self.accelerator, self._logprobs, self.needs_reference,
+                                       self.generator.corrects)
         self.reward_funcs, self.reward_weights = reward_functions(config.reward.funcs, reward_funcs, reward_weights)
         self.records = list(train_dataset) if train_dataset is not None else load_records(config.data, config.seed)
         check_records(self.records, "the training data set")
@@ -433,13 +434,14 @@ class Trainer:
         with torch.no_grad():
             parts = [self._logprobs(self.model, mini_batch.select(idx),
                                     need_entropy="entropy" in self.objective.step_needs) for idx in chunks]
-        return whole_step_statistics(self.objective, mini_batch, parts, self._proximal, num_tokens, num_sequences,
-                                     ProcessReducer(self.accelerator))
+        return whole_step_statistics(self.objective, mini_batch, parts, partial(self._proximal, correct=False),
+                                     num_tokens, num_sequences, ProcessReducer(self.accelerator))
 
-    def _proximal(self, micro: RolloutBatch, logprobs: Tensor) -> Tensor:
-        """log pi_prox ``[b, T]`` of ``micro``: recorded, A-3PO's interpolation, or (on-policy) ``logprobs`` detached."""
+    def _proximal(self, micro: RolloutBatch, logprobs: Tensor, correct: bool = True) -> Tensor:
+        """log pi_prox ``[b, T]`` of ``micro``: recorded, A-3PO's interpolation (``correct``: and its IS weights),
+        or (on-policy) ``logprobs`` detached."""
         if self.behaviour.proximal == "loglinear":
-            return self.behaviour.loglinear(micro, logprobs, self.rollout_index)
+            return self.behaviour.loglinear(micro, logprobs, self.rollout_index, correct)
         return micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
 
     def policy_batch(self, micro: RolloutBatch, num_tokens: Tensor,

@@ -236,3 +236,20 @@ def test_a_queue_resumes_only_with_its_staleness_and_process_count(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint-4 holds the rollouts of a staleness queue \(rollout.staleness"
                                           r"=2, 1 processes"):
         trainer_for(tmp_path, "rollout.staleness=1", "resume_from_checkpoint=latest").train()
+
+
+def test_loglinear_corrects_each_micro_batch_once_with_whole_step_statistics(tmp_path):
+    """With several micro-batches an objective's step statistics come from a no-grad pass over the mini-batch;
+    that pass makes A-3PO's pi_prox too, but only the update's forward corrects and counts the statistics."""
+    trainer = trainer_for(tmp_path, "rollout.proximal=loglinear", "rollout.staleness=1", "max_steps=2",
+                          "rollout.is_mode=token_truncate", "objective.m2_threshold=0.01")
+    corrected = []
+    correct = trainer.behaviour.correct
+
+    def counting(batch, prox, reduce):
+        corrected.append(len(batch))
+        return correct(batch, prox, reduce)
+
+    trainer.behaviour.correct = counting
+    trainer.train()
+    assert corrected == [4, 4, 4, 4]  # 2 steps x 2 micro-batches of 4, nothing from the statistics pass
