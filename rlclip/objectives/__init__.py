@@ -6,8 +6,10 @@
 
 from rlclip.objectives import (  # noqa: F401  (registers the shipped objectives)
     archer,
+    aspo,
     cispo,
     clip_cov,
+    dcpo,
     dppo,
     gmpo,
     gpg,

@@ -80,6 +80,42 @@ def check_dual_clip(dual_clip: float | None) -> None:
         raise ConfigError(f"dual_clip must be > 1 (or null to disable), got {dual_clip}")
 
 
+def gradient_preserving_term(ratio: Tensor, advantages: Tensor, active: dict[str, Tensor], eps_low: float,
+                             eps_high: float, beta_low: float | None, beta_high: float | None) -> Tensor:
+    """GPPO's kept gradient on clipped tokens, as a per-token term of value 0 (arXiv 2508.07629, 2509.20712).
+
+    With kept = rho / sg(rho) - 1 (value 0, gradient d log pi_t), the term is
+    -beta_low (1 - eps_low) A kept on ``active["low"]`` and -beta_high (1 + eps_high) A kept on
+    ``active["high"]``, 0 elsewhere: added to PPO's loss it leaves the value unchanged and gives
+    each clipped token the gradient -beta (1 +/- eps) A d log pi_t instead of zero.
+    """
+    kept = ratio / ratio.detach() - 1  # [B, T], zero-valued, d kept / d logprobs = 1
+    term = torch.zeros_like(ratio)  # [B, T]
+    for beta, side, bound in ((beta_low, "low", 1 - eps_low), (beta_high, "high", 1 + eps_high)):
+        if beta:
+            term = term + torch.where(active[side], -beta * bound * advantages * kept, 0.0)  # [B, T]
+    return term
+
+
+def check_gppo(beta_low: float | None, beta_high: float | None, eps_low: float, dual_clip: float | None,
+               delta: float | None, level: str) -> None:
+    """GPPO's settings, and the combinations the reference (Kwai-Klear/CE-GPPO) does not define."""
+    for key, beta in (("gppo_beta_low", beta_low), ("gppo_beta_high", beta_high)):
+        if beta is not None and not beta >= 0:
+            raise ConfigError(f"{key} must be >= 0 (or null for PPO's zero gradient; CE-GPPO uses 0.25-1), got {beta}")
+    if beta_low is None and beta_high is None:
+        return
+    if delta is not None:
+        raise ConfigError("gppo_beta_low / gppo_beta_high cannot be combined with delta (CE-GPPO has no two-sided "
+                          "clip); use dual_clip or set delta: null")
+    if level != "token":
+        raise ConfigError("gppo_beta_low / gppo_beta_high need level: token (CE-GPPO clips token ratios; "
+                          "GSPO's sequence ratio with kept gradients is undefined there)")
+    if dual_clip is not None and beta_low and beta_low * (1 - eps_low) >= dual_clip:
+        raise ConfigError(f"gppo_beta_low * (1 - eps_low) = {beta_low * (1 - eps_low)} must be < dual_clip = "
+                          f"{dual_clip} (CE-GPPO's dual clip would cancel the kept gradient); lower gppo_beta_low")
+
+
 def check_delta(delta: float | None) -> None:
     if delta is not None and not delta > 1:
         raise ConfigError(f"delta must be > 1 (or null to disable; INTELLECT-2 uses 4), got {delta}")
@@ -112,11 +148,26 @@ class RatioClip(Objective):
     bounded at -A * (1 + eps_high), which no dual clip (c > 1 on the loss) does.
     Both may be set; the dual clip then applies after the capped max.
 
+    Gradient-preserving clipping (GPPO, Klear-Reasoner, arXiv 2508.07629; CE-GPPO,
+    arXiv 2509.20712), off by default: with ``gppo_beta_low`` / ``gppo_beta_high``
+    a clipped token keeps a bounded gradient instead of none. Where A < 0 and
+    rho < 1 - eps_low the gradient is -beta_low (1 - eps_low) A d log pi_t; where
+    A > 0 and rho > 1 + eps_high it is -beta_high (1 + eps_high) A d log pi_t
+    (the reference's -beta (1 +/- eps) A rho / sg(rho)). GPPO is beta = 1 on both
+    sides; CE-GPPO's code defaults are beta_low 0.25, beta_high 1.0. The loss
+    value stays PPO's (the reference's value is beta times the clipped value on
+    clipped tokens; the gradient is the same), so beta = 0 is exactly
+    ``ratio_clip``. A side left None keeps PPO's zero gradient (GPPO's
+    ``only_high`` is ``gppo_beta_high: 1``). Works with ``dual_clip`` (as the
+    reference, applied after); refused with ``delta`` and ``level="sequence"``.
+
     Args:
         eps_low: lower clip range.
         eps_high: upper clip range; > eps_low is DAPO's clip-higher (arXiv 2503.14476).
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A; None disables.
         delta: cap > 1 on the unclipped ratio (two-sided clip); None disables.
+        gppo_beta_low: GPPO's gradient scale (>= 0) on tokens clipped low; None: zero gradient (PPO).
+        gppo_beta_high: GPPO's gradient scale (>= 0) on tokens clipped high; None: zero gradient (PPO).
         level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO, arXiv 2507.18071): the
             ratio is the length-normalised sequence ratio s_i, clipped as above.
             With ``level="sequence"`` and no explicit ``agg``, the aggregation is
@@ -127,11 +178,13 @@ class RatioClip(Objective):
 
     Metrics: ``clip_frac_low`` / ``clip_frac_high`` (PPO clip active),
     ``clip_frac_dual``, ``clip_frac_delta`` (tokens whose loss the bound changed),
-    ratio mean/min/max, ``approx_kl``.
+    ratio mean/min/max, ``approx_kl``; with GPPO ``gppo_frac_low`` / ``gppo_frac_high``
+    (clipped tokens that keep a gradient).
     """
 
     def __init__(self, *, eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
-                 delta: float | None = None, level: str = "token", **shared: Any) -> None:
+                 delta: float | None = None, level: str = "token", gppo_beta_low: float | None = None,
+                 gppo_beta_high: float | None = None, **shared: Any) -> None:
         if level == "sequence":
             shared.setdefault("agg", GSPO_AGG)
         super().__init__(**shared)
@@ -141,7 +194,10 @@ class RatioClip(Objective):
             raise ConfigError(f"level must be 'token' or 'sequence', got {level!r}")
         check_dual_clip(dual_clip)
         check_delta(delta)
+        check_gppo(gppo_beta_low, gppo_beta_high, eps_low, dual_clip, delta, level)
         self.eps_low, self.eps_high, self.dual_clip, self.level = eps_low, eps_high, dual_clip, level
+        self.gppo_beta_low = None if gppo_beta_low is None else float(gppo_beta_low)
+        self.gppo_beta_high = None if gppo_beta_high is None else float(gppo_beta_high)
         self.delta = None if delta is None else float(delta)
 
     def kl_weight(self, batch: PolicyBatch) -> Tensor:
@@ -162,4 +218,13 @@ class RatioClip(Objective):
         ratio = torch.exp(log_ratio)  # [B, T]
         loss, active = clipped_surrogate(ratio, batch.advantages, self.eps_low, self.eps_high, self.dual_clip,
                                          self.delta)
-        return loss, ratio_metrics(ratio, log_ratio, batch.mask, active)
+        metrics = ratio_metrics(ratio, log_ratio, batch.mask, active)
+        if self.gppo_beta_low is not None or self.gppo_beta_high is not None:
+            # after the dual clip, as the reference: a token clipped low (loss (1 - eps_low) |A| < c |A|) is never
+            # dual-clipped, and a token clipped high has A > 0, so the order leaves every value unchanged
+            loss = loss + gradient_preserving_term(ratio, batch.advantages, active, self.eps_low, self.eps_high,
+                                                   self.gppo_beta_low, self.gppo_beta_high)  # [B, T]
+            for side, beta in (("low", self.gppo_beta_low), ("high", self.gppo_beta_high)):
+                kept = active[side] if beta else torch.zeros_like(active[side])
+                metrics[f"gppo_frac_{side}"] = masked_mean(kept.to(ratio.dtype), batch.mask)
+        return loss, metrics
