@@ -7,6 +7,10 @@ trainer broadcasts them over the response tokens.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -71,6 +75,69 @@ def rloo(rewards: Tensor, group_size: int) -> Tensor:
 
 
 GROUP_ESTIMATORS = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo}
+MULTI_REWARD = ("sum_then_normalize", "normalize_then_sum")
+
+
+def group_advantages(rewards: Tensor, group_size: int, cfg: Any, rewards_per_func: Tensor | None = None,
+                     weights: Sequence[float] | None = None,
+                     all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Sequence advantages ``[N]`` of the group estimator ``cfg.name`` under ``cfg.multi_reward``.
+
+    ``sum_then_normalize`` (default): the estimator on the weighted reward sum ``rewards [N]``.
+    ``normalize_then_sum``: :func:`normalize_then_sum` on ``rewards_per_func [N, F]`` and ``weights``;
+    rows whose ``rewards`` is NaN (unscored) take no part. ``all_sum`` sums a tensor over processes.
+    """
+    kwargs = {"eps": cfg.eps} if cfg.name == "grpo" else {}
+    multi = getattr(cfg, "multi_reward", "sum_then_normalize")
+    if multi == "sum_then_normalize":
+        return GROUP_ESTIMATORS[cfg.name](rewards, group_size, **kwargs)
+    if multi != "normalize_then_sum":
+        raise ConfigError(f"unknown advantage.multi_reward {multi!r}; choose {' or '.join(MULTI_REWARD)}")
+    if rewards_per_func is None or weights is None:
+        raise ValueError("advantage.multi_reward=normalize_then_sum needs each reward function's scores "
+                         "(RolloutBatch.rewards_per_func) and the reward weights")
+    per_func = rewards_per_func.float().masked_fill(rewards.isnan().unsqueeze(-1), math.nan)  # [N, F]
+    return normalize_then_sum(per_func, weights, group_size, cfg.name, cfg.eps, all_sum)
+
+
+def normalize_then_sum(rewards_per_func: Tensor, weights: Sequence[float], group_size: int,
+                       estimator: str = "grpo", eps: float = 1e-4,
+                       all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """GDPO (Liu et al. 2026, arXiv 2601.05242; TRL 1.16's ``multi_objective_aggregation="normalize_then_sum"``).
+
+    Each reward function k is normalised within its groups first, A_k = estimator(r_k) (GRPO:
+    (r_k - mean_g) / (std_g + eps)), then summed with the reward weights, s = sum_k w_k A_k, then
+    whitened over the batch: A = (s - mean(s)) / (std(s) + eps), std unbiased. A NaN score (a reward
+    function returned None) leaves its function's group statistics and adds 0 to the sum; a row with
+    no score at all leaves the batch statistics and gets 0, as does everything when fewer than two rows
+    are scored. The batch is global: ``all_sum`` sums over processes (None: this process alone).
+    """
+    if rewards_per_func.ndim != 2 or rewards_per_func.shape[1] != len(weights):
+        raise ValueError(f"rewards_per_func of shape {tuple(rewards_per_func.shape)} does not have one column "
+                         f"per reward weight ({len(weights)})")
+    kwargs = {"eps": eps} if estimator == "grpo" else {}
+    per_func = torch.stack([GROUP_ESTIMATORS[estimator](rewards_per_func[:, k].contiguous(), group_size, **kwargs)
+                            for k in range(len(weights))], dim=1)  # [N, F], 0 where unscored
+    w = torch.tensor(list(weights), dtype=per_func.dtype, device=per_func.device)  # [F]
+    summed = (per_func * w).sum(-1)  # [N]
+    return batch_normalize(summed, ~rewards_per_func.isnan().all(-1), eps, all_sum)
+
+
+def batch_normalize(values: Tensor, valid: Tensor, eps: float = 1e-4,
+                    all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(x - mean) / (std + eps) over the ``valid [N]`` rows of the global batch (unbiased std); 0 elsewhere.
+
+    Two passes (the mean, then the squared deviations), each summed over processes by ``all_sum``.
+    Fewer than two valid rows in all: 0 everywhere.
+    """
+    all_sum = all_sum or (lambda t: t)
+    valid_f = valid.to(values.dtype)  # [N]
+    totals = all_sum(torch.stack([valid_f.sum(), (values * valid_f).sum()]).double())  # [2]
+    n, mean = totals[0], totals[1] / totals[0].clamp_min(1)
+    squares = all_sum((((values.double() - mean) * valid_f.double()).square()).sum())
+    std = (squares / (n - 1).clamp_min(1)).sqrt()
+    normalized = ((values.double() - mean) / (std + eps)).to(values.dtype)  # [N]
+    return torch.where(valid & (n >= 2), normalized, torch.zeros_like(values))
 
 
 def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0,

@@ -1,6 +1,7 @@
 """The reward stage of a rollout: weighted reward functions, masking of unscored completions, metrics.
 
 ``score_rollout`` sets ``rollout.rewards`` (``[N]``, NaN where no reward function gave a score),
+each function's scores ``rollout.rewards_per_func`` and the prompt groups ``rollout.group_ids``,
 zeroes the completion mask of unscored completions so they leave the loss, and returns the
 rollout's reward and completion metrics over all processes (docs/metrics.md).
 """
@@ -14,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from rlclip.errors import ConfigError
-from rlclip.rewards import compute_rewards, resolve_reward_func
+from rlclip.rewards import compute_reward_table, resolve_reward_func
 from rlclip.types import RolloutBatch
 from rlclip.utils import all_reduce
 
@@ -23,9 +24,12 @@ def score_rollout(rollout: RolloutBatch, reward_funcs: Sequence[Callable[..., An
                   on_error: str, group_size: int, acc: Accelerator) -> tuple[dict[str, float], bool]:
     """Score ``rollout`` in place; returns its metrics and whether any completion on any process was scored."""
     ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-    rewards, reward_metrics = compute_rewards(reward_funcs, reward_weights, rollout.prompts, rollout.completions,
-                                              rollout.columns, on_error, completion_ids=ids)
+    rewards, per_func, reward_metrics = compute_reward_table(reward_funcs, reward_weights, rollout.prompts,
+                                                             rollout.completions, rollout.columns, on_error,
+                                                             completion_ids=ids)
     rollout.rewards = rewards.to(acc.device)  # [N], NaN: no score
+    rollout.rewards_per_func = per_func.to(acc.device)  # [N, F], for advantage.multi_reward
+    rollout.group_ids = torch.arange(len(rollout), device=acc.device) // group_size  # [N], for agg: prompt_mean
     all_rewards = acc.gather(rollout.rewards)  # [N * processes]
     lengths = acc.gather(rollout.completion_mask.sum(-1).float())
     truncated = acc.gather(rollout.truncated.float())

@@ -59,6 +59,12 @@ class PolicyBatch:
     token_weights: Tensor | None = None
     """``[B, T]`` per-token weights applied to the per-token loss before aggregation (the importance-sampling
     correction of a vLLM sampler, rlclip/is_correction.py; not to the KL penalty); None: 1."""
+    group_ids: Tensor | None = None
+    """``[B]`` the prompt group of each row (the G completions of a prompt share an id), for ``agg: prompt_mean``."""
+    prompt_tokens: Tensor | None = None
+    """``[B]`` counted tokens of each row's prompt group over the optimizer step (``prompt_mean``'s n_g)."""
+    num_prompts: float | Tensor | None = None
+    """Global count of the optimizer step's prompt groups with counted tokens (``prompt_mean``'s P)."""
 
 
 @dataclass
@@ -119,6 +125,11 @@ class RolloutBatch:
     takes the others out of ``completion_mask`` after the advantages. None: nothing rejected."""
     is_weights: Tensor | None = None
     """``[B, T]`` importance-sampling weights of the sampler mismatch (rlclip/is_correction.py); None: 1."""
+    group_ids: Tensor | None = None
+    """``[B]`` the prompt group of each row, ``i // group_size`` when scored; kept through ``select``."""
+    rewards_per_func: Tensor | None = None
+    """``[B, F]`` each reward function's unweighted score (NaN: none, or the row is unscored), for
+    ``advantage.multi_reward: normalize_then_sum``."""
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

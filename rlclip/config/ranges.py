@@ -97,6 +97,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.proximal": ("recompute", "bypass", "loglinear"),
     "reward.on_error": ("raise", "skip"),
     "advantage.name": ("grpo", "dr_grpo", "rloo", "gae"),
+    "advantage.multi_reward": ("sum_then_normalize", "normalize_then_sum"),
     "train.optimizer": ("adamw", "sgd"),
     "logging.report_to": ("none", "tensorboard", "wandb"),
 }

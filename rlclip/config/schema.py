@@ -141,6 +141,10 @@ class AdvantageConfig:
     """gae: normalise advantages to zero mean, unit variance over the global batch."""
     kl_in_reward: float = 0.0
     """gae: coefficient of the per-token KL(behaviour || reference) folded into the reward (loads a reference)."""
+    multi_reward: str = "sum_then_normalize"
+    """Several reward functions: ``sum_then_normalize`` (the estimator on their weighted sum) or
+    ``normalize_then_sum`` (GDPO, TRL's ``multi_objective_aggregation``: the estimator per function, the
+    weighted sum, then a whitening over the global batch); group estimators only."""
 
 
 @dataclass

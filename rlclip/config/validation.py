@@ -35,6 +35,9 @@ def validate(config: TrainConfig) -> None:
     if config.advantage.name != "gae" and config.rollout.group_size < 2:
         raise ConfigError(f"advantage.name={config.advantage.name} needs rollout.group_size >= 2 (a group "
                           "baseline of one sample is undefined); raise group_size or use advantage.name=gae")
+    if config.advantage.name == "gae" and config.advantage.multi_reward != "sum_then_normalize":
+        raise ConfigError(f"advantage.multi_reward={config.advantage.multi_reward} normalises each reward function "
+                          "within its group; use a group estimator (advantage.name grpo, dr_grpo or rloo) with it")
     _check_tracker(config.logging.report_to)
     _check_entropy(config.entropy)
     if not config.reward.funcs:

@@ -27,8 +27,8 @@ from rlclip.rewards.math_rewards import completion_text, correctness_reward, for
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["BUILTIN", "completion_text", "compute_rewards", "correctness_reward", "extract_answer", "format_reward",
-           "grade", "resolve_reward_func", "target_token_reward"]
+__all__ = ["BUILTIN", "completion_text", "compute_reward_table", "compute_rewards", "correctness_reward",
+           "extract_answer", "format_reward", "grade", "resolve_reward_func", "target_token_reward"]
 
 RewardFunc = Callable[..., Sequence[float | None]]
 ON_ERROR = ("raise", "skip")
@@ -167,6 +167,15 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
     NaN reward: the trainer masks it out of the loss. Metrics: each
     function's mean, ``reward/errors`` and ``reward/unscored`` (counts).
     """
+    total, _, metrics = compute_reward_table(funcs, weights, prompts, completions, columns, on_error, **extra)
+    return total, metrics
+
+
+def compute_reward_table(funcs: Sequence[RewardFunc], weights: Sequence[float], prompts: list[Any],
+                         completions: list[Any], columns: dict[str, list[Any]], on_error: str = "raise",
+                         **extra: Any) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """:func:`compute_rewards`'s weighted sum ``[N]``, each function's unweighted scores ``[N, F]`` (NaN where
+    it gave none; a whole row NaN where the sum is NaN) and the metrics."""
     if on_error not in ON_ERROR:
         raise ConfigError(f"unknown reward.on_error {on_error!r}; choose raise or skip")
     n = len(completions)
@@ -181,9 +190,9 @@ def compute_rewards(funcs: Sequence[RewardFunc], weights: Sequence[float], promp
         scored_any |= scored
         failed_any |= failed
         metrics[f"reward/{name}/mean"] = float(values.nanmean()) if bool(scored.any()) else math.nan
-    stacked = torch.stack(per_func, dim=1) * torch.tensor(weights, dtype=torch.float32)  # [N, F]
-    total = stacked.nansum(dim=1)  # [N]
+    table = torch.stack(per_func, dim=1)  # [N, F]
+    total = (table * torch.tensor(weights, dtype=torch.float32)).nansum(dim=1)  # [N]
     total = torch.where(scored_any & ~failed_any, total, torch.full_like(total, math.nan))
     metrics["reward/errors"] = float(failed_any.sum())
     metrics["reward/unscored"] = float((~scored_any & ~failed_any).sum())
-    return total, metrics
+    return total, table.masked_fill(total.isnan().unsqueeze(1), math.nan), metrics
