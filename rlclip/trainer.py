@@ -44,6 +44,7 @@ from rlclip.interrupt import StopRequest
 from rlclip.memory import FreeMemoryRelease
 from rlclip.model_setup import build_optimizer, critic_and_optimizer, prepare_policy, reference_model
 from rlclip.modeling import load_model_and_tokenizer, quiet_saving
+from rlclip.objectives.aggregation import prompt_counts
 from rlclip.optim_in_backward import build_in_backward
 from rlclip.parallel import Layout, build_accelerator
 from rlclip.periodic_eval import PeriodicEval
@@ -331,10 +332,10 @@ class Trainer:
     def estimate_advantages(self, rollout: RolloutBatch) -> dict[str, float]:
         """Advantage: group baselines (grpo, dr_grpo, rloo) or GAE on the critic's values."""
         cfg = self.config.advantage
-        if cfg.name != "gae":
-            kwargs = {"eps": cfg.eps} if cfg.name == "grpo" else {}
-            seq_adv = adv_lib.GROUP_ESTIMATORS[cfg.name](rollout.rewards.float(), self.config.rollout.group_size,
-                                                         **kwargs)  # [N]
+        if cfg.name != "gae":  # advantage.multi_reward: sum the rewards first, or each function's advantage
+            seq_adv = adv_lib.group_advantages(rollout.rewards.float(), self.config.rollout.group_size, cfg,
+                                               rollout.rewards_per_func, self.reward_weights,
+                                               partial(all_reduce, self.accelerator, op="sum"))  # [N]
             rollout.advantages = seq_adv.unsqueeze(1).expand_as(rollout.completion_ids).contiguous()  # [N, T]
             return {}
         return gae_advantages(rollout, cfg, self.accelerator)  # PPO mode: GAE on the critic's values
@@ -384,9 +385,10 @@ class Trainer:
         acc, cfg = self.accelerator, self.config.train
         # the objective's token filters (e.g. mask_truncated) may take tokens out of the denominators too
         mask = self.objective.count_mask(mini_batch.completion_mask, mini_batch.truncated)  # [b, T]
-        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), mini_batch.completion_mask.sum()],
+        prompt_tokens, prompts = prompt_counts(mask, mini_batch.group_ids)  # [b] and agg=prompt_mean's local P
+        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), mini_batch.completion_mask.sum(), prompts],
                               dtype=torch.float64, device=acc.device)
-        num_tokens, num_sequences, value_tokens = all_reduce(acc, counts, "sum").clamp_min(1)
+        num_tokens, num_sequences, value_tokens, num_prompts = all_reduce(acc, counts, "sum").clamp_min(1)
         train_policy = self.critic is None or self.step >= self.config.critic.warmup_steps
         policy_metrics, critic_metrics = MetricAccumulator(), MetricAccumulator("critic", "critic/value_loss")
         chunks = split_indices(len(mini_batch), cfg.micro_batch_size)
@@ -398,6 +400,8 @@ class Trainer:
                 # DDP averages gradients over processes; each loss is already a share of the global mean.
                 if train_policy:
                     batch, entropy = self.policy_batch(micro, num_tokens, num_sequences)
+                    batch.group_ids, batch.num_prompts = micro.group_ids, num_prompts
+                    batch.prompt_tokens = None if prompt_tokens is None else prompt_tokens[idx.to(mask.device)]
                     batch.step_stats = rows_of(step_stats, idx, len(mini_batch)) if step_stats else \
                         own_step_statistics(self.objective, batch, len(chunks) == 1, ProcessReducer(acc))
                     out = self.objective(batch)

@@ -92,8 +92,9 @@ class Objective(abc.ABC):
             (the trainer sets it to ``max_new_tokens`` when left unset).
         kl_coef: weight of the KL penalty to the reference model; 0 loads no
             reference model.
-        kl_estimator: ``k1``, ``k2``, ``k3`` or ``low_var_kl`` (k3 clamped to
-            [-10, 10], verl's ``kl_loss_type=low_var_kl``); see :func:`kl_estimate`.
+        kl_estimator: ``k1``, ``k2``, ``k3``, ``low_var_kl`` (k3 clamped to
+            [-10, 10], verl's ``kl_loss_type=low_var_kl``), ``k3_plus`` (k3's value, k2's
+            gradient: verl's ``k3+``) or ``abs`` (|log pi - log pi_ref|); see :func:`kl_estimate`.
         kl_bias_correction: multiply the per-token KL by the importance ratio
             rho_t = exp(logprobs - old_logprobs) (with grad) before aggregation, so
             that the KL gradient is the unbiased reverse-KL gradient off-policy
@@ -304,7 +305,7 @@ class Objective(abc.ABC):
     def aggregate(self, values: Tensor, batch: PolicyBatch) -> Tensor:
         """Aggregate a per-token quantity with this objective's ``agg`` mode."""
         return aggregate(values, batch.mask, self.agg, batch.num_tokens, batch.num_sequences,
-                         self.agg_norm_len)
+                         self.agg_norm_len, batch.group_ids, batch.prompt_tokens, batch.num_prompts)
 
     def kl_weight(self, batch: PolicyBatch) -> Tensor:
         """Importance weight of the per-token KL under ``kl_bias_correction``: rho_t ``[B, T]`` (with grad).
