@@ -335,10 +335,11 @@ class Checkpointer:
 
 def save_run(trainer: Any) -> Path:
     """A running Trainer's ``checkpoint-N/`` (atomic): model, optimizer/scheduler/RNG state, clipper,
-    guard and entropy-coefficient state, an unfinished rollout when a signal cut it short, and the
+    guard, entropy-coefficient and objective state, an unfinished rollout when a signal cut it short, and the
     rollouts waiting in the staleness queue."""
     state = {"rollout_index": trainer.rollout_index, "guard": trainer.guard.state_dict(),
              "entropy_bonus": trainer.entropy_bonus.state_dict(),
+             "objective": trainer.objective.state_dict(),  # adaptive kl_coef, BAPO's bounds (rlclip/kl_control.py)
              "num_processes": trainer.accelerator.num_processes, "extras": ["clipper"]}
     per_process = {}
     if trainer.pending is not None:
@@ -365,6 +366,7 @@ def resume_run(trainer: Any) -> None:
     trainer.step, trainer.rollout_index = int(state["step"]), int(state["rollout_index"])
     trainer.guard.load_state_dict(state.get("guard", {}))
     trainer.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
+    trainer.objective.load_state_dict(state.get("objective", {}))  # older checkpoints have none: the constructor's
     clipper_state = read("clipper")
     if clipper_state is not None:
         trainer.clipper.load_state_dict(clipper_state)

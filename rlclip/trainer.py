@@ -41,6 +41,7 @@ from rlclip.grad_clip import build_clipper
 from rlclip.gradient_step import GradientStep
 from rlclip.guard import NonFiniteGuard
 from rlclip.interrupt import StopRequest
+from rlclip.kl_control import end_objective_step
 from rlclip.memory import FreeMemoryRelease
 from rlclip.model_setup import build_optimizer, critic_and_optimizer, prepare_policy, reference_model
 from rlclip.modeling import load_model_and_tokenizer, quiet_saving
@@ -423,6 +424,8 @@ class Trainer:
             result.update(self.entropy_bonus.end_step(float(step_entropy)))
         if train_policy and self.telemetry is not None:
             result.update(self.telemetry.end_step(ProcessReducer(acc)))
+        if train_policy:  # the objective's state (adaptive kl_coef, BAPO's bounds) moves once per step
+            end_objective_step(self.objective, result, num_sequences)
         self.step += 1
         result.update(self.gradient_step.apply(self.step, self.model, self.critic, train_policy,
                                                policy_metrics.loss, critic_metrics.loss))

@@ -7,10 +7,13 @@
 from rlclip.objectives import (  # noqa: F401  (registers the shipped objectives)
     archer,
     aspo,
+    bapo,
     cispo,
     clip_cov,
     dcpo,
     dppo,
+    dppo_kimi,
+    dro,
     gmpo,
     gpg,
     kl_cov,
@@ -19,6 +22,8 @@ from rlclip.objectives import (  # noqa: F401  (registers the shipped objectives
     ratio_clip,
     reinforce_is,
     sapo,
+    spo,
+    topr,
     troll,
     vespo,
 )

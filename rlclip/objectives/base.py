@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from rlclip.errors import ConfigError, ObjectiveError
+from rlclip.kl_control import ObjectiveState, build_kl_control
 from rlclip.lazy import torch
 from rlclip.objectives.aggregation import AGG_MODES, aggregate, masked_max, masked_mean, masked_min
 from rlclip.objectives.filters import (
@@ -79,7 +80,7 @@ def _with_filter_statistics(fn: Callable[..., dict[str, Tensor]]) -> Callable[..
 
 
 
-class Objective(abc.ABC):
+class Objective(ObjectiveState, abc.ABC):
     """Base class of every surrogate objective.
 
     Subclasses set ``needs`` (a subset of {"entropy", "ref", "support"}),
@@ -123,6 +124,9 @@ class Objective(abc.ABC):
             train, until the mean M2 of the rest is < the threshold (a step
             statistic over all processes; rule and ties in
             :mod:`rlclip.objectives.filters`). None: off; AReaL's GSM8K example uses 0.04.
+        kl_target: adaptive KL (verl's AdaptiveKLController): after each optimizer step ``kl_coef`` (> 0,
+            the start) moves toward this KL to the reference, over ``kl_horizon`` sequences (default
+            10000, verl's); saved in checkpoints, logged as ``kl_coef``. None: fixed. See rlclip/kl_control.py.
 
     The entropy, off-policy and M2 filters multiply the per-token loss (the
     denominator keeps counting the filtered tokens, as TRL); the KL penalty
@@ -153,7 +157,8 @@ class Objective(abc.ABC):
                  kl_coef: float = 0.0, kl_estimator: str = "k3", kl_bias_correction: bool = False,
                  entropy_top_quantile: float | None = None,
                  off_policy_mask: float | None = None, mask_truncated: bool = False,
-                 m2_threshold: float | None = None) -> None:
+                 m2_threshold: float | None = None, kl_target: float | None = None,
+                 kl_horizon: float = 10000.0) -> None:
         if agg not in AGG_MODES:
             raise ConfigError(f"unknown aggregation agg={agg!r}; choose one of {', '.join(AGG_MODES)}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -176,6 +181,7 @@ class Objective(abc.ABC):
         self.off_policy_mask = None if off_policy_mask is None else float(off_policy_mask)
         self.mask_truncated = bool(mask_truncated)
         self.m2_threshold = None if m2_threshold is None else float(m2_threshold)
+        self.kl_control = build_kl_control(kl_target, kl_horizon, self.kl_coef)  # state: rlclip/kl_control.py
         self.needs = frozenset(type(self).needs) | ({"ref"} if self.kl_coef > 0 else frozenset())
         if self.entropy_top_quantile is not None:
             self.needs = self.needs | {"entropy"}
@@ -330,7 +336,10 @@ class Objective(abc.ABC):
         if batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs PolicyBatch.ref_logprobs")
         kl = self.kl_terms(batch)  # [B, T]
-        return self.kl_coef * self.aggregate(kl, batch), {"kl_ref": masked_mean(kl.detach(), batch.mask)}
+        metrics = {"kl_ref": masked_mean(kl.detach(), batch.mask)}
+        if self.kl_control is not None:  # the coefficient this step applies (it moves after the step)
+            metrics["kl_coef"] = self.kl_coef
+        return self.kl_coef * self.aggregate(kl, batch), metrics
 
     def __call__(self, batch: PolicyBatch) -> ObjectiveOutput:
         self._check_inputs(batch)
