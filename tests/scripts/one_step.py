@@ -37,6 +37,12 @@ CASES = {
     "entropy_bonus": ["entropy.coef=0.3", "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true"],
     # M2PO's mask: the largest squared log-ratios of the whole step until the rest's mean is below the threshold
     "m2po": ["objective.m2_threshold=0.02"],
+    # penalty surrogates (a small eps / large weights so the penalties move the step) and TOPR's sequence ratio
+    "spo": ["objective.name=spo", "objective.eps=0.05"],
+    "dro": ["objective.name=dro", "objective.beta=0.5"],
+    "dppo_kimi": ["objective.name=dppo_kimi", "objective.kl_tau=0.1", "objective.eps_low=1e-4",
+                  "objective.eps_high=1e-4"],
+    "topr": ["objective.name=topr", "objective.agg=seq_mean_token_sum"],
 }
 
 # Rollout correction over the global batch: SNIS and every rejection criterion (tests/test_distributed.py)
