@@ -37,6 +37,9 @@ CASES = {
     "entropy_bonus": ["entropy.coef=0.3", "objective.entropy_top_quantile=0.5", "objective.mask_truncated=true"],
     # M2PO's mask: the largest squared log-ratios of the whole step until the rest's mean is below the threshold
     "m2po": ["objective.m2_threshold=0.02"],
+    # BAPO's bounds are searched over the whole step (sums over every micro-batch and process): c_low runs to
+    # 0.8 and c_high stops at 1.32 inside its range; a micro-batch of only positive advantages alone keeps 0.6 / 1.2
+    "bapo": ["objective.name=bapo", "objective.adv_ratio_target=2.45", "objective.ratio_upper_step=0.02"],
     # penalty surrogates (a small eps / large weights so the penalties move the step) and TOPR's sequence ratio
     "spo": ["objective.name=spo", "objective.eps=0.05"],
     "dro": ["objective.name=dro", "objective.beta=0.5"],
