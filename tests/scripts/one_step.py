@@ -46,6 +46,11 @@ CASES = {
     "dppo_kimi": ["objective.name=dppo_kimi", "objective.kl_tau=0.1", "objective.eps_low=1e-4",
                   "objective.eps_high=1e-4"],
     "topr": ["objective.name=topr", "objective.agg=seq_mean_token_sum"],
+    # token_sum has no denominator; prompt_mean needs each prompt group's token count over the step (rows 0-1
+    # and 2-3 are two prompts: split by micro-batch 1, one per process with 2); k3_plus / abs KL terms
+    "token_sum": ["objective.agg=token_sum", "objective.kl_coef=0.5", "objective.kl_estimator=k3_plus"],
+    "prompt_mean": ["objective.agg=prompt_mean", "objective.kl_coef=0.5", "objective.kl_estimator=abs",
+                    "objective.mask_truncated=true"],
 }
 
 # Rollout correction over the global batch: SNIS and every rejection criterion (tests/test_distributed.py)
@@ -102,7 +107,8 @@ def fixed_rollout(vocab: int) -> RolloutBatch:
     advantages = torch.tensor([1.0, -1.5, 0.5, -0.7]).unsqueeze(1).expand(4, 6).clone()
     return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                         completion_mask=completion_mask, truncated=torch.tensor([False, False, True, False]),
-                        prompts=["p"] * 4, completions=["c"] * 4, advantages=advantages)
+                        prompts=["p"] * 4, completions=["c"] * 4, advantages=advantages,
+                        group_ids=torch.tensor([0, 0, 1, 1]))
 
 
 def step_once(micro: int, case: str) -> dict:
