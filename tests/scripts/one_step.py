@@ -46,6 +46,13 @@ CASES = {
     "dppo_kimi": ["objective.name=dppo_kimi", "objective.kl_tau=0.1", "objective.eps_low=1e-4",
                   "objective.eps_high=1e-4"],
     "topr": ["objective.name=topr", "objective.agg=seq_mean_token_sum"],
+    # CE-GPPO: narrow clips so that tokens clipped on both sides keep their bounded gradients
+    "gppo": ["objective.eps_low=0.1", "objective.eps_high=0.1", "objective.gppo_beta_low=0.25",
+             "objective.gppo_beta_high=1.0", "objective.dual_clip=3.0"],
+    # ASPO: per-response entropy split and soft dual clips low enough to act on the perturbed ratios
+    "aspo": ["objective.name=aspo", "objective.dual_clip_neg=1.2", "objective.dual_clip_pos=1.2"],
+    # DCPO: per-token bounds from the old probability, small constants so that some bounds bind
+    "dcpo": ["objective.name=dcpo", "objective.eps_low=1e-3", "objective.eps_high=1e-3"],
     # token_sum has no denominator; prompt_mean needs each prompt group's token count over the step (rows 0-1
     # and 2-3 are two prompts: split by micro-batch 1, one per process with 2); k3_plus / abs KL terms
     "token_sum": ["objective.agg=token_sum", "objective.kl_coef=0.5", "objective.kl_estimator=k3_plus"],
