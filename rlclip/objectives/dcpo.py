@@ -61,7 +61,8 @@ class DCPO(Objective):
     out); here it is clamped at +/-20 like every objective, which changes nothing
     below a ratio of e^20. DCPO's other parts are not the loss: its step-smoothed
     advantage ("SAS") is not here (``advantage: grpo`` is its base) and its
-    "only-token-mean" aggregation is a token mean per micro-batch of one prompt's group.
+    "only-token-mean" aggregation, a token mean per micro-batch, has no exact
+    micro-batch-invariant twin (docs/objectives/dcpo.md).
 
     Args:
         eps_low: lower range constant (>= 0): |r - 1| r q <= eps_low below 1.
