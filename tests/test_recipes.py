@@ -48,6 +48,7 @@ def test_every_config_field_has_a_docstring():
 
 
 NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")
+NEW_OBJECTIVES += ("spo", "dro", "dppo_kimi", "topr")  # issue #28: penalty surrogates and TOPR
 
 
 @pytest.mark.parametrize("name", NEW_OBJECTIVES)
