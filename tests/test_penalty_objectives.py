@@ -20,9 +20,6 @@ import math
 
 import pytest
 import torch
-
-from rlclip.errors import ConfigError
-from rlclip.objectives import PolicyBatch, build_objective
 from test_offpolicy_objectives import (
     D,
     assert_same,
@@ -37,6 +34,8 @@ from test_offpolicy_objectives import (
     token_mean,
 )
 
+from rlclip.errors import ConfigError
+from rlclip.objectives import PolicyBatch, build_objective
 
 # --------------------------------------------------------------------------------------------- spo
 

@@ -13,10 +13,20 @@ import math
 
 import pytest
 import torch
+from test_offpolicy_objectives import (
+    D,
+    assert_same,
+    coin,
+    fresh,
+    log_ratio_batch,
+    ours,
+    peer,
+    random_batch,
+    token_mean,
+)
 
 from rlclip.errors import ConfigError
 from rlclip.objectives import build_objective
-from test_offpolicy_objectives import D, assert_same, coin, fresh, log_ratio_batch, ours, peer, random_batch, token_mean
 
 
 def topr_trinity(logprob, old_logprob, advantages, action_mask, advantage_threshold=0.0):
