@@ -137,6 +137,9 @@ def test_defaults_and_bad_settings():
         (0.8, 0.2, 0.4, 3.0, 3.0, "token_mean")
     assert obj.needs == {"entropy"}
     assert build_objective("aspo", eps_reasoning=0.2).needs == set()
+    # the shared needs stay: the reference model for the KL, the entropy for the entropy filter
+    assert build_objective("aspo", kl_coef=0.001).needs == {"entropy", "ref"}
+    assert build_objective("aspo", eps_reasoning=0.2, entropy_top_quantile=0.5).needs == {"entropy"}
     for bad in ({"q": 1.5}, {"eps_knowledge": -0.1}, {"eps_reasoning": 1.0}, {"dual_clip_neg": 1.0},
                 {"dual_clip_pos": 0.5}):
         with pytest.raises(ConfigError, match="aspo") as err:
@@ -152,18 +155,20 @@ def test_gsm8k_recipe():
     assert obj.name == "aspo" and config.data.name == "gsm8k"
     assert (obj.q, obj.eps_knowledge, obj.eps_reasoning, obj.dual_clip_neg, obj.dual_clip_pos) == \
         (0.8, 0.2, 0.4, 3.0, 3.0)
-    assert (obj.kl_coef, obj.kl_estimator) == (0.001, "low_var_kl")
+    assert (obj.kl_coef, obj.kl_estimator) == (0.001, "low_var_kl") and obj.needs == {"entropy", "ref"}
 
 
 def test_trains_through_the_trainer(tmp_path):
-    """Two mini-batches, mu = 2, tight ranges: from step 2 on the clips act (entropy comes from the trainer)."""
+    """Two mini-batches, mu = 2, tight ranges: from step 2 on the clips act (entropy and, for the authors' KL,
+    the reference log-probs come from the trainer)."""
     from conftest import tiny_config
     from rlclip.trainer import Trainer
 
     cfg = tiny_config(tmp_path, "objective.name=aspo", "objective.eps_knowledge=0.01", "objective.eps_reasoning=0.02",
-                      "max_steps=3", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8")
+                      "objective.kl_coef=0.001", "objective.kl_estimator=low_var_kl", "max_steps=3", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8")
     history = Trainer(cfg, reward_funcs=[coin]).train()
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     assert history[0]["objective/clip_frac_high"] == 0.0
     assert max(h["objective/clip_frac_high"] + h["objective/clip_frac_low"] for h in history) > 0
     assert all(0 < h["objective/reasoning_frac"] < 1 for h in history)
+    assert max(h["objective/kl_ref"] for h in history) > 0

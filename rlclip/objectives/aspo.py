@@ -79,12 +79,15 @@ class ASPO(Objective):
         self.q, self.eps_knowledge, self.eps_reasoning = float(q), float(eps_knowledge), float(eps_reasoning)
         self.dual_clip_neg = None if dual_clip_neg is None else float(dual_clip_neg)
         self.dual_clip_pos = None if dual_clip_pos is None else float(dual_clip_pos)
-        # one range for every token: the entropy split changes nothing, so the trainer need not compute it
-        self.needs = frozenset({"entropy"}) if self.eps_knowledge != self.eps_reasoning else frozenset()
+        # one range for every token: the split changes nothing, so the entropy is not needed for it (the
+        # shared needs the base class set, the reference model for kl_coef > 0 or the entropy filter, stay)
+        self.split = self.eps_knowledge != self.eps_reasoning
+        if self.split:
+            self.needs = self.needs | {"entropy"}
 
     def token_eps(self, batch: PolicyBatch, like: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token clip range ``[B, T]`` and the reasoning-token mask (entropy above its response's quantile)."""
-        if not self.needs:
+        if not self.split:
             return torch.full_like(like, self.eps_knowledge), torch.zeros_like(batch.mask, dtype=torch.bool)
         counted = batch.mask.bool()
         tau, _ = masked_row_quantile(batch.entropy.detach(), counted, self.q)  # [B]
