@@ -57,6 +57,9 @@ class AdaptiveKLController:
             raise ConfigError(f"kl_horizon must be > 0 (verl's default is 10000), got {horizon}")
         self.target, self.horizon = float(target), float(horizon)
 
+    def __repr__(self) -> str:
+        return f"AdaptiveKLController(target={self.target!r}, horizon={self.horizon!r})"
+
     def update(self, coef: float, current_kl: float, n_steps: float) -> float:
         """beta * (1 + clip(current_kl / target - 1, -0.2, 0.2) * n_steps / horizon)."""
         error = min(max(current_kl / self.target - 1.0, -ERROR_CLIP), ERROR_CLIP)

@@ -109,9 +109,21 @@ class BAPO(Objective):
             raise ConfigError(f"bapo: adv_ratio_target and eps must be >= 0, got {adv_ratio_target}, {eps}")
         check_dual_clip(dual_clip)
         self.adv_ratio_target, self.eps, self.dual_clip = float(adv_ratio_target), float(eps), dual_clip
-        self.lows = bound_candidates(float(ratio_lower_start), float(ratio_lower_max), float(ratio_lower_step))
-        self.highs = bound_candidates(float(ratio_upper_start), float(ratio_upper_max), float(ratio_upper_step))
-        self.ratio_low, self.ratio_high = self.lows[0], self.highs[0]  # state: the last step's bounds
+        self.ratio_lower_start, self.ratio_lower_max = float(ratio_lower_start), float(ratio_lower_max)
+        self.ratio_lower_step = float(ratio_lower_step)
+        self.ratio_upper_start, self.ratio_upper_max = float(ratio_upper_start), float(ratio_upper_max)
+        self.ratio_upper_step = float(ratio_upper_step)
+        self.ratio_low, self.ratio_high = self.ratio_lower_start, self.ratio_upper_start  # state: the last step's bounds
+
+    @property
+    def lows(self) -> list[float]:
+        """The candidate lower bounds, in the order the search tries them."""
+        return bound_candidates(self.ratio_lower_start, self.ratio_lower_max, self.ratio_lower_step)
+
+    @property
+    def highs(self) -> list[float]:
+        """The candidate upper bounds, in the order the search tries them."""
+        return bound_candidates(self.ratio_upper_start, self.ratio_upper_max, self.ratio_upper_step)
 
     def _ratio(self, batch: PolicyBatch) -> tuple[Tensor, Tensor]:
         log_ratio = (batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -125,16 +137,18 @@ class BAPO(Objective):
         mask = batch.mask.detach().double()  # [B, T]
         pos_w = torch.where(adv >= 0, adv, torch.zeros_like(adv)) * mask  # [B, T]
         neg_w = torch.where(adv < 0, -adv, torch.zeros_like(adv)) * mask  # [B, T]
-        highs = ratio.new_tensor(self.highs)  # [H]
-        lows = ratio.new_tensor(self.lows)  # [L]
+        candidate_lows, candidate_highs = self.lows, self.highs
+        highs = ratio.new_tensor(candidate_highs)  # [H]
+        lows = ratio.new_tensor(candidate_lows)  # [L]
         pos = (torch.minimum(ratio.unsqueeze(-1), highs) * pos_w.unsqueeze(-1)).sum((0, 1))  # [H]
         neg = (torch.maximum(ratio.unsqueeze(-1), lows) * neg_w.unsqueeze(-1)).sum((0, 1))  # [L]
         sums = reduce.sum(torch.cat([pos, neg]))  # [H + L]
-        pos, neg = sums[:len(self.highs)], sums[len(self.highs):]
-        i, j, _ = search_bounds(pos.tolist(), neg.tolist(), self.lows, self.highs, self.adv_ratio_target, self.eps)
+        pos, neg = sums[:len(candidate_highs)], sums[len(candidate_highs):]
+        i, j, _ = search_bounds(pos.tolist(), neg.tolist(), candidate_lows, candidate_highs, self.adv_ratio_target,
+                                self.eps)
         total = pos[j] + neg[i]
         share = pos[j] / total if total > 0 else total  # 0 when no token has a nonzero advantage
-        return {LOW: ratio.new_tensor(self.lows[i]), HIGH: ratio.new_tensor(self.highs[j]), SHARE: share}
+        return {LOW: ratio.new_tensor(candidate_lows[i]), HIGH: ratio.new_tensor(candidate_highs[j]), SHARE: share}
 
     def surrogate(self, batch: PolicyBatch) -> tuple[Tensor, dict[str, Any]]:
         ratio, log_ratio = self._ratio(batch)
