@@ -155,6 +155,7 @@ CASES: dict[str, Case] = {
     "objective-unknown": Case([*TRAIN, "--objective.name", "ratio_clipp"]),
     "objective-unknown-setting": Case([*TRAIN, "--objective.eps_hgih", "0.3"]),
     "objective-bad-value-type": Case([*TRAIN, "--objective.eps_low", "wide"]),
+    "objective-kl-target-without-coef": Case([*TRAIN, "--objective.kl_target", "0.1"]),
     # ---------------------------------------------------------------- reward functions
     "reward-unknown": Case([*TRAIN, "--reward.funcs=[{name: exact_match}]"]),
     "reward-not-importable": Case([*TRAIN, "--reward.funcs=[{name: my_rewards:nowhere}]"],
