@@ -96,7 +96,7 @@ def recipe_names() -> list[str]:
 
 def objectives_listing(imports: list[str] | None = None) -> str:
     """``rlclip objectives``: each registered objective, its paper line, and its settings with defaults."""
-    from rlclip.objectives.base import _REGISTRY, Objective, objective_parameters
+    from rlclip.objectives.base import _REGISTRY, AGG_MODES, KL_ESTIMATORS, Objective, objective_parameters
     from rlclip.user_code import import_user_modules
 
     if imports:
@@ -108,7 +108,8 @@ def objectives_listing(imports: list[str] | None = None) -> str:
 
     shared = objective_parameters(Objective)
     blocks = ["Set one in a recipe as objective: {name: NAME, SETTING: VALUE} or with --objective.name NAME.",
-              f"Settings every objective takes: {settings(shared)}", ""]
+              f"Settings every objective takes: {settings(shared)}",
+              f"  agg: one of {', '.join(AGG_MODES)}; kl_estimator: one of {', '.join(KL_ESTIMATORS)}", ""]
     for name in sorted(_REGISTRY):
         cls = _REGISTRY[name]
         summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())

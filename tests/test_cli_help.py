@@ -50,6 +50,7 @@ def test_objectives_lists_the_shipped_ones_with_settings(capsys):
     listed = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "Set", "Settings"))]
     assert set(SHIPPED) <= set(listed)
     assert "Settings every objective takes: agg='token_mean'" in text
+    assert "agg: one of token_mean, " in text and "prompt_mean" in text and "kl_estimator: one of k1, " in text
     troll = text[text.index("\ntroll:"):]
     assert "kl_bound=" in troll.split("\n")[2]
 
