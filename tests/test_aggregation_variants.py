@@ -180,6 +180,22 @@ def test_prompt_mean_without_groups_is_refused():
         aggregate(values, mask, "prompt_mean")
 
 
+@pytest.mark.parametrize("agg", ["token_sum", "prompt_mean"])
+def test_trust_telemetry_weight_is_one_on_policy(agg):
+    """rlclip/telemetry.py divides the applied gradient by that of agg(-A logp): on-policy ratio_clip is that
+    plain policy gradient under the new aggregations too (as tests/test_telemetry.py for the others)."""
+    from rlclip.telemetry import gradient_weights
+
+    logp = torch.full((4, 3), -1.0, dtype=D, requires_grad=True)
+    _, mask, groups = tensors()
+    b = PolicyBatch(logprobs=logp, old_logprobs=logp.detach().clone(), mask=mask, group_ids=groups,
+                    advantages=torch.tensor([0.5, -1.0, 2.0, 0.3], dtype=D)[:, None].expand(4, 3).contiguous())
+    objective = build_objective("ratio_clip", agg=agg)
+    w, defined = gradient_weights(objective(b).loss, b, objective)
+    assert defined.equal(mask.bool())
+    torch.testing.assert_close(w[defined], torch.ones(int(mask.sum()), dtype=D))
+
+
 # --------------------------------------------------------------------------------------- KL estimators
 
 LOGP = [-1.0, -2.0, -0.3]
