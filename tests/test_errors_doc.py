@@ -145,6 +145,8 @@ CASES: dict[str, Case] = {
     "config-list-element": Case([*TRAIN, "--reward.funcs.0.weight", "0"]),
     "config-mini-batches": Case([*TRAIN, "--train.mini_batches", "3"]),
     "config-group-size-one": Case([*TRAIN, "--rollout.group_size", "1", "--train.mini_batches", "1"]),
+    "config-multi-reward-gae": Case([*TRAIN, "--advantage.name", "gae", "--advantage.multi_reward",
+                                     "normalize_then_sum"]),
     "config-imports-missing": Case([*TRAIN, "--imports", "{tmp}/missing.py"]),
     "config-imports-module": Case([*TRAIN, "--imports", "no_such_module_rlclip"]),
     "config-imports-raises": Case([*TRAIN, "--imports", "{tmp}/my_objective.py"],
