@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,7 +42,7 @@ from trl.models import unwrap_model_for_generation
 
 from rlclip.config import TrainConfig, check_backend_installed
 from rlclip.errors import ConfigError
-from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS
+from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS, resolve_model_path
 from rlclip.rollout import (
     SamplingSettings,
     completion_mask_and_truncation,
@@ -67,6 +68,9 @@ class Generator(Protocol):
 
     def policy_changed(self) -> None:
         """The policy's weights moved (an optimizer step); the sampler's copy is stale."""
+
+    def close(self) -> None:
+        """Training ended: release what the backend started (a launched server)."""
 
 
 def build_generator(config: TrainConfig, accelerator: Accelerator) -> Generator:
@@ -105,6 +109,9 @@ class HFGenerator:
     def policy_changed(self) -> None:
         """The training model samples itself: nothing to copy."""
 
+    def close(self) -> None:
+        """Nothing was started."""
+
 
 class VLLMGenerator:
     """vLLM sampling through TRL's ``VLLMGeneration``, with lazy weight sync and the sampler's log-probs.
@@ -125,6 +132,8 @@ class VLLMGenerator:
         self.stale = False
         self.syncs = 0
         """Weight copies made so far (for tests and logs)."""
+        self.server: Any = None
+        """The vLLM server this generator launched (``rollout.vllm_server_launch``), stopped by :meth:`close`."""
 
     def policy_changed(self) -> None:
         self.stale = True
@@ -137,6 +146,7 @@ class VLLMGenerator:
         background (rlclip/staleness.py), so that the copy never overlaps an update or a generation.
         """
         engine = self._engine(model, tokenizer, settings, len(records) * settings.group_size)
+        engine.seeds = completion_seeds(len(records), settings.group_size)
         if self.stale:
             engine.sync_weights()  # every process takes part: gathering sharded parameters is collective
             self.stale = False
@@ -180,27 +190,59 @@ class VLLMGenerator:
     def _build_engine(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, context: int | None,
                       completions: int) -> Any:
         """The engine; ``context`` bounds vLLM's sequence length (prompt + completion), None: the model's."""
+        r = self.config.rollout
+        if self.mode == "server" and server_api(r) == "openai":
+            return self._openai_server(policy, context)
         from trl.generation.vllm_generation import VLLMGeneration
 
-        r = self.config.rollout
+        settings = dict(
+            model=policy, accelerator=self.accelerator, processing_class=tokenizer, mode=self.mode,
+            server_host=r.vllm_server_host, server_port=r.vllm_server_port, server_timeout=r.vllm_server_timeout,
+            tensor_parallel_size=r.vllm_tensor_parallel_size, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            max_model_length=context, max_num_seqs=completions * r.vllm_tensor_parallel_size,
+            trust_remote_code=self.config.model.trust_remote_code, max_completion_length=r.max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only: all the IS correction needs
+        )
+        from rlclip import vllm_engine  # imports vllm: only for a vLLM backend
+
         with kept_rng_state():  # vLLM seeds the global generators; the run's own seed must keep driving sampling
-            engine = VLLMGeneration(
-                model=policy, accelerator=self.accelerator, processing_class=tokenizer, mode=self.mode,
-                server_host=r.vllm_server_host, server_port=r.vllm_server_port, server_timeout=r.vllm_server_timeout,
-                tensor_parallel_size=r.vllm_tensor_parallel_size, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                max_model_length=context, max_num_seqs=completions * r.vllm_tensor_parallel_size,
-                trust_remote_code=self.config.model.trust_remote_code, max_completion_length=r.max_new_tokens,
-                logprobs=0,  # the sampled token's log-prob only: all the IS correction needs
-            )
+            if self.mode == "colocate":
+                engine = vllm_engine.ColocatedEngine(dtype=next(policy.parameters()).dtype, **settings)
+            else:
+                engine = VLLMGeneration(**settings)
         if self.mode == "server" and self.accelerator.is_main_process:
-            self._check_server_logprobs(engine)
+            self._check_server_logprobs(engine.vllm_client.get_server_info())
         return engine
 
-    def _check_server_logprobs(self, engine: Any) -> None:
+    def _openai_server(self, policy: nn.Module, context: int | None) -> Any:
+        """vLLM's OpenAI server (rlclip/vllm_server.py), started here with ``vllm_server_launch``."""
+        from rlclip.vllm_server import OpenAIServerEngine, ServerProcess
+
+        r, acc = self.config.rollout, self.accelerator
+        url = f"http://{r.vllm_server_host}:{r.vllm_server_port}"
+        if r.vllm_server_launch and acc.is_main_process:
+            dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+            self.server = ServerProcess(resolve_model_path(self.config.model.name_or_path), r.vllm_server_host,
+                                        r.vllm_server_port,
+                                        dtype, context, r.vllm_server_timeout,
+                                        Path(self.config.output_dir) / "vllm_server.log")
+            self.server.wait_ready()
+        acc.wait_for_everyone()
+        engine = OpenAIServerEngine(policy, acc, url, r.vllm_server_timeout)
+        if acc.is_main_process:
+            self._check_server_logprobs({"model_config": {"logprobs_mode": engine.logprobs_mode()}})
+        return engine
+
+    def close(self) -> None:
+        """Training ended: stop a server this generator launched."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def _check_server_logprobs(self, info: dict[str, Any]) -> None:
         """A server returning raw log-probs would bias the IS ratios at temperature != 1: refuse it."""
         if self.config.rollout.is_mode == "none":
             return
-        info = engine.vllm_client.get_server_info()
         mode = info.get("model_config", {}).get("logprobs_mode", PROCESSED_LOGPROBS)
         if mode != PROCESSED_LOGPROBS:
             raise ConfigError(f"the vLLM server returns logprobs_mode={mode}, which biases the importance-sampling "
@@ -279,6 +321,24 @@ def sampled_logprobs(logprobs: list[list[list[float | None]]], width: int) -> Te
         values = [float("nan") if not lp or lp[0] is None else float(lp[0]) for lp in seq[:width]]
         out[i, :len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
+
+
+def server_api(rollout: Any) -> str:
+    """``rollout.vllm_server_api`` resolved: ``auto`` is trl where CUDA is (NCCL weight copies), openai elsewhere
+    and whenever rlclip launches the server itself."""
+    from rlclip import vllm_engine  # imports vllm: only for a vLLM backend
+
+    if rollout.vllm_server_api != "auto":
+        return rollout.vllm_server_api
+    return "openai" if rollout.vllm_server_launch or vllm_engine.on_cpu() else "trl"
+
+
+def completion_seeds(prompts: int, group_size: int) -> list[int]:
+    """One vLLM seed per completion, drawn from the run's torch generator (so a checkpoint carries them):
+    prompt i draws s_i, its completions take s_i + j, j < group_size (what vLLM gives the children of one
+    seeded request with ``n = group_size``, so that both vLLM backends sample alike)."""
+    base = torch.randint(0, 2**31 - 1 - group_size, (prompts,)).tolist()
+    return [s + j for s in base for j in range(group_size)]
 
 
 @contextmanager

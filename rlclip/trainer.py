@@ -178,6 +178,7 @@ class Trainer:
                 return self._train()
         finally:
             self.queue.close()
+            self.generator.close()  # a vLLM server rlclip launched stops with the run
             if self.lock is not None:
                 self.lock.release()
 

@@ -90,6 +90,10 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params, use_tqdm=False):
         self.events.append("generate")
+        if isinstance(sampling_params, list):  # one seeded request per prompt (rlclip/vllm_engine.py)
+            self.seeds = [p.kwargs.pop("seed") for p in sampling_params]
+            assert all(p.kwargs == sampling_params[0].kwargs for p in sampling_params)
+            sampling_params = sampling_params[0]
         self.params = sampling_params.kwargs
         outputs = []
         for row, prompt in enumerate(prompts):
@@ -144,6 +148,7 @@ def fake_vllm(monkeypatch, tiny):
     import trl.generation.vllm_generation as vg
 
     import rlclip.generation
+    import rlclip.vllm_engine
 
     eos = tiny[2].eos_token_id
     FakeLLM.made.clear()
@@ -154,6 +159,7 @@ def fake_vllm(monkeypatch, tiny):
     monkeypatch.setattr(vg, "SamplingParams", FakeSamplingParams, raising=False)
     monkeypatch.setattr(vg, "VLLMClient", FakeClient)
     monkeypatch.setattr(rlclip.generation, "check_backend_installed", lambda backend: None)
+    monkeypatch.setattr(rlclip.vllm_engine, "on_cpu", lambda: False)  # TRL's CUDA paths (tests/test_vllm_real.py: CPU)
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
                        "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
@@ -273,11 +279,22 @@ def test_weights_sync_lazily_once_per_policy_change(tiny, accelerator, fake_vllm
 
 
 def test_starting_the_engine_keeps_the_runs_random_state(tiny, accelerator, fake_vllm):
+    """vLLM reseeds the global generators at start-up (the fake too); the run's generator only gives the
+    requests' seeds, one per prompt, s_i + j for its completions (what vLLM gives the children of a seeded
+    request with n = group_size)."""
+    from rlclip.generation import completion_seeds
+
     _, model, tokenizer = tiny
     torch.manual_seed(7)
-    before = torch.random.get_rng_state()
+    seeds = completion_seeds(len(RECORDS), SETTINGS.group_size)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(7)
     make("vllm_colocate", accelerator).generate(model, tokenizer, RECORDS, SETTINGS)
-    assert torch.equal(torch.random.get_rng_state(), before)  # the fake reseeded as vLLM does
+    assert torch.equal(torch.random.get_rng_state(), after)
+    assert FakeLLM.made[-1].seeds == seeds
+    g = SETTINGS.group_size
+    assert all(seeds[i * g + j] == seeds[i * g] + j for i in range(len(RECORDS)) for j in range(g))
+    assert len({seeds[i * g] for i in range(len(RECORDS))}) == len(RECORDS)
 
 
 def test_lora_is_merged_for_the_copy_under_vllm_names_and_unmerged_after(tiny, accelerator, fake_vllm):

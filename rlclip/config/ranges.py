@@ -94,6 +94,7 @@ UNBOUNDED: dict[str, str] = {  # numeric fields with no range, and why
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "rollout.prompt_overflow": ("truncate_left", "reject"),
+    "rollout.vllm_server_api": ("auto", "trl", "openai"),
     "rollout.proximal": ("recompute", "bypass", "loglinear"),
     "reward.on_error": ("raise", "skip"),
     "advantage.name": ("grpo", "dr_grpo", "rloo", "gae"),

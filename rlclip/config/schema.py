@@ -82,7 +82,7 @@ class RolloutConfig:
     prompt_overflow: str = "truncate_left"
     """A longer prompt is ``truncate_left`` (keep its end) or ``reject`` (dropped from the data set at start); both are counted."""
     backend: str = "hf"
-    """Who samples: hf (transformers generate on the training model), vllm_colocate (a vLLM engine inside each training process, on its GPU) or vllm_server (a vLLM server started with trl vllm-serve); vLLM gets the new weights before each rollout that follows a policy update, and its mismatch is corrected by is_mode (docs/vllm.md)."""
+    """Who samples: hf (transformers generate on the training model), vllm_colocate (a vLLM engine inside each training process, on its GPU or CPU) or vllm_server (a vLLM server in another process: trl vllm-serve, vLLM's OpenAI server, or launched by rlclip); vLLM gets the new weights before each rollout that follows a policy update, and its mismatch is corrected by is_mode (docs/vllm.md)."""
     vllm_gpu_memory_utilization: float = 0.3
     """vllm_colocate: fraction of the GPU's memory the vLLM engine may take for weights, activations and KV cache (TRL's default)."""
     vllm_tensor_parallel_size: int = 1
@@ -92,7 +92,11 @@ class RolloutConfig:
     vllm_server_port: int = 8000
     """vllm_server: port of the vLLM server."""
     vllm_server_timeout: float = 240.0
-    """vllm_server: seconds to wait for the server to answer at start."""
+    """vllm_server: seconds to wait for the server to answer at start (and, launched, to become ready)."""
+    vllm_server_launch: bool = False
+    """vllm_server: rlclip starts vLLM's OpenAI server itself on vllm_server_host:vllm_server_port (the policy's model and dtype, processed log-probs, rlclip's weight reload; log in output_dir/vllm_server.log) and stops it when training ends."""
+    vllm_server_api: str = "auto"
+    """vllm_server: trl (a server from trl vllm-serve; weights over NCCL, needs CUDA), openai (vLLM's own OpenAI server with VLLM_SERVER_DEV_MODE=1; weights through a safetensors file in /dev/shm, any device), or auto (trl with CUDA, openai without; openai when launched)."""
     is_mode: str = "sequence_mask"
     """vLLM backends: importance-sampling correction of the sampler / trainer log-prob mismatch: token_truncate, token_mask, sequence_truncate, sequence_mask (TRL's default) or none (docs/vllm.md)."""
     is_cap: float = 3.0
@@ -132,7 +136,7 @@ class AdvantageConfig:
     name: str = "grpo"
     """Estimator: grpo, dr_grpo, rloo, or gae (PPO mode: trains a critic)."""
     eps: float = 1e-4
-    """grpo: added to the group std before dividing (``multi_reward: normalize_then_sum``: also to the batch std)."""
+    """grpo: added to the group std before dividing."""
     gamma: float = 1.0
     """gae: discount."""
     lam: float = 0.95
