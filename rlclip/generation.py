@@ -225,7 +225,9 @@ class VLLMGenerator:
             self.server = ServerProcess(resolve_model_path(self.config.model.name_or_path), r.vllm_server_host,
                                         r.vllm_server_port,
                                         dtype, context, r.vllm_server_timeout,
-                                        Path(self.config.output_dir) / "vllm_server.log")
+                                        Path(self.config.output_dir) / "vllm_server.log",
+                                        context or policy.config.max_position_embeddings,
+                                        r.vllm_gpu_memory_utilization)
             self.server.wait_ready()
         acc.wait_for_everyone()
         engine = OpenAIServerEngine(policy, acc, url, r.vllm_server_timeout)

