@@ -34,7 +34,7 @@ commands:
   report RUN_DIR [RUN_DIR ...] --out DIR                   curves and a table comparing runs (PNGs + report.md)
   compare --config RECIPE.yaml --objectives A,B --seeds 0,1  train each objective x seed (resumable), then a
                                                            report with 95% intervals of held-out accuracy
-  tiny-model DIR [--seed N]                                save a tiny random model and tokenizer to DIR
+  tiny-model DIR [--seed N] [--hidden-size H]              save a tiny random model and tokenizer to DIR
 
 --debug (anywhere on the line) shows the full traceback of an error; --version prints the version.
 """

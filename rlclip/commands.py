@@ -55,10 +55,12 @@ def tiny_model_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="rlclip tiny-model", description="Save a tiny random model.")
     parser.add_argument("directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=64,
+                        help="width (4 heads): 128 or more for vLLM's CPU attention, which needs a head size >= 32")
     args = parser.parse_args(argv)
     from rlclip.tiny import build_tiny_model
 
-    print(build_tiny_model(args.directory, seed=args.seed))
+    print(build_tiny_model(args.directory, seed=args.seed, hidden_size=args.hidden_size))
     return 0
 
 
