@@ -80,7 +80,7 @@ def build_generator(config: TrainConfig, accelerator: Accelerator) -> Generator:
     """
     backend = config.rollout.backend
     if backend == "hf":
-        return HFGenerator(accelerator)
+        return HFGenerator(accelerator, config.lora.merge_for_decoding)
     check_backend_installed(backend)
     if config.model.gguf_file:
         raise ConfigError(f"rollout.backend={backend} cannot load model.gguf_file; use rollout.backend: hf or "
@@ -94,15 +94,20 @@ class HFGenerator:
 
     corrects = False
 
-    def __init__(self, accelerator: Accelerator) -> None:
+    def __init__(self, accelerator: Accelerator, merge_lora: bool = True) -> None:
         self.accelerator = accelerator
+        self.merge_lora = merge_lora
+        """``lora.merge_for_decoding``: a LoRA policy decodes with its adapters merged (rlclip/lora_decoding.py)."""
 
     def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
                  settings: SamplingSettings) -> RolloutBatch:
+        from rlclip.lora_decoding import merged_for_decoding
+
         with unwrap_model_for_generation(model, self.accelerator,
                                          gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS) as policy:
             policy.eval()
-            rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
+            with merged_for_decoding(policy, self.merge_lora and holds_whole_weights(self.accelerator)):
+                rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
         model.train()
         return rollout
 
@@ -323,6 +328,14 @@ def sampled_logprobs(logprobs: list[list[list[float | None]]], width: int) -> Te
         values = [float("nan") if not lp or lp[0] is None else float(lp[0]) for lp in seq[:width]]
         out[i, :len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
+
+
+def holds_whole_weights(accelerator: Accelerator) -> bool:
+    """Each process holds every weight whole (not FSDP, not DeepSpeed ZeRO-3 shards)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return False
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is None or plugin.zero_stage != 3
 
 
 def server_api(rollout: Any) -> str:

@@ -18,12 +18,11 @@ the recipes' objectives and the M2 filter.
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, coin, train_tiny  # noqa: F401  (coin: imported from here by other tests)
 from rlclip.errors import ConfigError
 from rlclip.objectives import PolicyBatch, build_objective
 
@@ -340,11 +339,6 @@ def test_gsm8k_recipe(name):
     assert build_objective_from_config(config).name == name
 
 
-def coin(prompts, completions, **kwargs) -> list[float]:
-    """A reward that splits every group (a hash of the text), so that advantages and updates are not zero."""
-    return [float(zlib.crc32(str(c).encode()) % 2) for c in completions]
-
-
 @pytest.mark.parametrize("overrides, metric", [
     (["objective.name=dppo", "objective.eps_low=0.001", "objective.eps_high=0.001"], "objective/masked_frac"),
     (["objective.name=dppo", "objective.variant=kl", "objective.eps_low=1e-4", "objective.eps_high=1e-4"],
@@ -356,11 +350,6 @@ def coin(prompts, completions, **kwargs) -> list[float]:
 ])
 def test_trains_through_the_trainer(tmp_path, overrides, metric):
     """Two mini-batches, mu = 2: from step 2 on the policy has moved, so each mask or cap acts."""
-    from conftest import tiny_config
-    from rlclip.trainer import Trainer
-
-    cfg = tiny_config(tmp_path, *overrides, "max_steps=3", "rollout.prompts_per_step=2", "rollout.group_size=4",
-                      "rollout.max_new_tokens=8")
-    history = Trainer(cfg, reward_funcs=[coin]).train()
+    history = train_tiny(tmp_path, *overrides)
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     assert history[0][metric] == 0.0 and max(h[metric] for h in history) > 0

@@ -23,7 +23,6 @@ import torch
 from test_offpolicy_objectives import (
     D,
     assert_same,
-    coin,
     dppo_prime_rl,
     fresh,
     log_ratio_batch,
@@ -243,11 +242,8 @@ def test_gsm8k_recipe(name):
 ])
 def test_trains_through_the_trainer(tmp_path, overrides, metric):
     """Two mini-batches, mu = 2: from step 2 on the policy has moved, so the penalties act."""
-    from conftest import tiny_config
-    from rlclip.trainer import Trainer
+    from conftest import train_tiny
 
-    cfg = tiny_config(tmp_path, *overrides, "max_steps=3", "rollout.prompts_per_step=2", "rollout.group_size=4",
-                      "rollout.max_new_tokens=8")
-    history = Trainer(cfg, reward_funcs=[coin]).train()
+    history = train_tiny(tmp_path, *overrides)
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
     assert history[0][metric] == 0.0 and max(h[metric] for h in history) > 0

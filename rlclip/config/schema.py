@@ -255,6 +255,8 @@ class LoraSettings:
     """Modules to adapt; ``all-linear`` adapts every linear layer but the output head."""
     last_layers: int | None = None
     """Adapt only the last N transformer layers (backward then stops there: much cheaper); None = all."""
+    merge_for_decoding: bool = True
+    """backend hf: decode with each adapter merged into a copy of its base weight (one matmul per layer instead of three), the base weight put back bit for bit after; off under FSDP / ZeRO-3 shards (rlclip/lora_decoding.py)."""
 
 
 @dataclass

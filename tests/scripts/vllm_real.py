@@ -20,12 +20,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import zlib
 
 import pytest
 import torch
 
-from conftest import free_port, tiny_config
+from conftest import coin, free_port, tiny_config
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -64,11 +63,6 @@ def colocate(shared, monkeypatch):
     shared.policy_changed()  # the engine may hold an earlier test's weights
     monkeypatch.setattr(rlclip.trainer, "build_generator", lambda config, accelerator: shared)
     return shared
-
-
-def coin(prompts, completions, **kwargs) -> list[float]:
-    """A reward that splits every group (a hash of the text), so that every step moves the policy."""
-    return [float(zlib.crc32(str(c).encode()) % 2) for c in completions]
 
 
 def trainer_for(tmp_path, model_path, *overrides, backend="vllm_colocate"):
