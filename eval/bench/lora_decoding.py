@@ -26,13 +26,13 @@ def side(model_name: str, batch: int, tokens: int, merge: bool, last_layers: int
     sys.path.insert(0, str(ROOT / "eval/bench"))
     import torch
     from accelerate import Accelerator
+    from vllm_speed import prompts
 
     from rlclip.config import TrainConfig
     from rlclip.generation import HFGenerator
     from rlclip.model_setup import prepare_policy
     from rlclip.modeling import load_model, load_tokenizer, resolve_model_path
     from rlclip.rollout import SamplingSettings
-    from vllm_speed import prompts
 
     path = resolve_model_path(model_name)
     model, tokenizer = load_model(path, "float32"), load_tokenizer(path)
