@@ -197,7 +197,7 @@ class VLLMGenerator:
         """The engine; ``context`` bounds vLLM's sequence length (prompt + completion), None: the model's."""
         r = self.config.rollout
         if self.mode == "server" and server_api(r) == "openai":
-            return self._openai_server(policy, context)
+            return self._openai_server(policy, tokenizer, context)
         from trl.generation.vllm_generation import VLLMGeneration
 
         settings = dict(
@@ -219,7 +219,7 @@ class VLLMGenerator:
             self._check_server_logprobs(engine.vllm_client.get_server_info())
         return engine
 
-    def _openai_server(self, policy: nn.Module, context: int | None) -> Any:
+    def _openai_server(self, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, context: int | None) -> Any:
         """vLLM's OpenAI server (rlclip/vllm_server.py), started here with ``vllm_server_launch``."""
         from rlclip.vllm_server import OpenAIServerEngine, ServerProcess
 
@@ -235,7 +235,9 @@ class VLLMGenerator:
                                         r.vllm_gpu_memory_utilization)
             self.server.wait_ready()
         acc.wait_for_everyone()
-        engine = OpenAIServerEngine(policy, acc, url, r.vllm_server_timeout)
+        engine = OpenAIServerEngine(url=url, model=policy, accelerator=acc, processing_class=tokenizer,
+                                    server_timeout=r.vllm_server_timeout, max_completion_length=r.max_new_tokens,
+                                    trust_remote_code=self.config.model.trust_remote_code)
         if acc.is_main_process:
             self._check_server_logprobs({"model_config": {"logprobs_mode": engine.logprobs_mode()}})
         return engine

@@ -11,8 +11,8 @@ offers everywhere, with ``VLLM_SERVER_DEV_MODE=1``:
   ``logprobs=0`` and ``return_token_ids``; the server runs with
   ``--logprobs-mode processed_logprobs``, checked at start through
   ``/server_info``.
-- **Weight copy**: the main process writes the policy's weights (a PEFT
-  adapter merged; HF names) as one safetensors file in a private directory of
+- **Weight copy**: TRL's parameter walk (a PEFT adapter merged; HF names;
+  sharded parameters gathered), the main process writing one safetensors file in a private directory of
   ``/dev/shm`` (RAM, no disk), then ``POST /collective_rpc`` calls every
   worker's ``reload_weights(weights_path=...)``, which runs vLLM's own loader
   on it (the only load that survives the CPU build's repacking of linear
@@ -41,15 +41,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from torch import nn
+from trl.generation.vllm_generation import VLLMGeneration
 
 from rlclip.errors import ConfigError, TrainingError
 
@@ -140,50 +138,36 @@ class ServerProcess:
         self.log.close()
 
 
-@contextmanager
-def hf_weights(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """The policy's weights under the names of its HF checkpoint, a PEFT adapter merged inside the block.
+class OpenAIServerEngine(VLLMGeneration):
+    """TRL's ``VLLMGeneration`` in server mode, talking to vLLM's own OpenAI server instead of ``trl vllm-serve``.
 
-    As TRL's ``_iter_named_params`` for an unsharded model: PEFT's ``base_model.model.`` prefix and
-    ``.base_layer`` infix dropped, the adapter's own tensors and ``original_module`` copies skipped. The
-    tensors share the parameters' storage: use them before the block ends (the adapter is unmerged then).
+    TRL's construction, sampling attributes and parameter walk (``_iter_named_params``: a PEFT adapter merged
+    for the copy, HF names, ZeRO-3 / FSDP parameters gathered on every process) are kept; the connection
+    (no NCCL communicator), ``generate`` (seeded ``/v1/completions`` requests) and ``sync_weights`` (a
+    safetensors file and ``/collective_rpc``) are this server's.
+
+    Args:
+        url: the server's base URL.
+        **kwargs: ``VLLMGeneration``'s (``mode`` is ``server``; ``server_timeout`` bounds each request).
     """
-    peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-    if peft:
-        model.merge_adapter()
-    try:
-        weights = {}
-        for name, param in model.named_parameters():
-            if peft:
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                if model.prefix in name or "original_module" in name:
-                    continue
-                name = name.replace("modules_to_save.default.", "")
-            weights[name] = param.detach().contiguous()
-        yield weights
-    finally:
-        if peft:
-            model.unmerge_adapter()
 
-
-class OpenAIServerEngine:
-    """The sampler behind vLLM's OpenAI server, with the attributes and calls rlclip/generation.py uses of TRL's
-    ``VLLMGeneration`` (``generate``, ``sync_weights``, the sampling attributes, ``seeds``)."""
-
-    def __init__(self, model: nn.Module, accelerator: Any, url: str, timeout: float) -> None:
-        self.model, self.accelerator, self.url, self.timeout = model, accelerator, url, timeout
-        self.temperature, self.top_p, self.top_k, self.max_completion_length = 1.0, 1.0, 0, 256
-        self.generation_kwargs: dict[str, Any] = {}
+    def __init__(self, *, url: str, **kwargs: Any) -> None:
+        self.url = url
         self.seeds: list[int] | None = None
+        """One seed per completion of the next :meth:`generate` call (the first of each prompt's is used)."""
         self.sync_dir: str | None = None
         self.served = SERVED_NAME
-        if accelerator.is_main_process:
-            self.served = post(url + "/v1/models", timeout=timeout)["data"][0]["id"]
+        super().__init__(mode="server", **kwargs)
+
+    def _init_vllm(self) -> None:
+        """No communicator (TRL's is NCCL): the main process only learns the served model's name."""
+        if self.accelerator.is_main_process:
+            self.served = post(self.url + "/v1/models", timeout=self.server_timeout)["data"][0]["id"]
 
     def logprobs_mode(self) -> str:
         """The server's ``logprobs_mode`` (needs ``VLLM_SERVER_DEV_MODE=1`` on the server)."""
         try:
-            info = post(self.url + "/server_info?config_format=json", timeout=self.timeout)
+            info = post(self.url + "/server_info?config_format=json", timeout=self.server_timeout)
         except TrainingError as err:
             raise ConfigError(f"the vLLM server at {self.url} does not answer /server_info; start it with "
                               "VLLM_SERVER_DEV_MODE=1 (weight copies need it too), or set "
@@ -213,22 +197,28 @@ class OpenAIServerEngine:
                 "return_token_ids": True, "skip_special_tokens": False, **self.generation_kwargs}
         if seed is not None:
             body["seed"] = seed
-        choices = sorted(post(self.url + "/v1/completions", body, self.timeout)["choices"], key=lambda c: c["index"])
+        answer = post(self.url + "/v1/completions", body, self.server_timeout)
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
         return [(list(c["token_ids"]), [[lp] for lp in c["logprobs"]["token_logprobs"]]) for c in choices]
 
     def sync_weights(self) -> None:
-        """Write the weights to a private ``/dev/shm`` directory; every server worker reloads them from there."""
+        """Write the weights to a private ``/dev/shm`` directory; every server worker reloads them from there.
+
+        Every process walks the parameters (gathering sharded ones is collective); the main process writes.
+        """
         from safetensors.torch import save_file
 
-        model = self.accelerator.unwrap_model(self.model)
-        if not self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        merged = hasattr(self.model, "peft_config")  # the walk unmerges after: keep copies of the merged weights
+        weights = {name: (t.detach().clone() if merged else t.detach()).contiguous()
+                   for name, t in self._iter_named_params() if main}
+        if not main:
             return
         if self.sync_dir is None:
             base = os.environ.get("RLCLIP_VLLM_SYNC_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
             self.sync_dir = tempfile.mkdtemp(prefix="rlclip-weights-", dir=base)
             atexit.register(shutil.rmtree, self.sync_dir, True)
-        with hf_weights(model) as weights:
-            save_file(weights, os.path.join(self.sync_dir, "model.safetensors"))
+        save_file(weights, os.path.join(self.sync_dir, "model.safetensors"))
         post(self.url + "/collective_rpc", {"method": "rlclip_reload_weights", "kwargs": {"weights_path": self.sync_dir}},
-             self.timeout)
-        post(self.url + "/reset_prefix_cache", {}, self.timeout)
+             self.server_timeout)
+        post(self.url + "/reset_prefix_cache", {}, self.server_timeout)

@@ -132,8 +132,6 @@ def test_colocate_lora_reaches_the_engine_merged(tmp_path, model_path, colocate)
     with base.disable_adapter():
         moved = (batch.sampler_logprobs - token_logprobs(base, batch)).abs()[batch.completion_mask.bool()].max()
     assert moved > 1e-3  # the adapter changed the policy, and the engine has it
-    assert not any("lora" in n for n, _ in base.named_parameters() if not n.endswith(("lora_A.default.weight",
-                                                                                       "lora_B.default.weight")))
 
 
 def test_colocate_resume_is_bit_identical(tmp_path, model_path, colocate):
@@ -187,10 +185,9 @@ def test_server_launched_by_rlclip_samples_and_follows_the_weights(tmp_path, mod
     trainer = trainer_for(tmp_path, model_path, "rollout.vllm_server_launch=true", "rollout.vllm_server_host=127.0.0.1",
                           f"rollout.vllm_server_port={port}", "max_steps=2", backend="vllm_server")
     history = trainer.train()
-    server = (tmp_path / "vllm_server.log").read_text()
-    assert "rlclip_reload_weights" in server or trainer.generator.syncs == 1
+    assert (tmp_path / "vllm_server.log").is_file()
     assert trainer.generator.syncs == 1  # after step 1, before rollout 2
-    for step in history:  # rollout 2 was sampled by the server after the copy
+    for step in history:  # rollout 2 was sampled by the server after the copy (without it: > 1e-2, as colocate's)
         assert step["rollout/sampler_logp_diff_max"] <= TOLERANCE
     assert trainer.generator.server is None  # stopped when training ended
     with pytest.raises(OSError):
