@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from rlclip.shared_prompt import pack, packed_mask_kind, prompt_groups, worth_packing
 from rlclip.types import SupportSpec
 
 DEFAULT_CHUNK_SIZE = 1024
@@ -52,12 +53,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def completion_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                             completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+                             completion_ids: Tensor, completion_mask: Tensor, shared_prompt: bool = False) -> Tensor:
     """Final hidden states ``[B, T, H]`` at the positions that predict each completion token.
 
     The forward runs through ``model`` itself (so DDP/FSDP hooks fire) with
     ``logits_to_keep=1``: the full-vocabulary logits are never made here.
+    ``shared_prompt``: rows with the same prompt share one forward of it, where that is cheaper
+    (rlclip/shared_prompt.py); the hidden states at masked completion positions are then 0.
     """
+    if shared_prompt and completion_ids.shape[0] > 1:
+        packed = _packed_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        if packed is not None:
+            return packed
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, P+T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, P+T]
     with _capture_final_hidden(model) as store:
@@ -65,6 +72,28 @@ def completion_hidden_states(model: nn.Module, prompt_ids: Tensor, prompt_mask: 
               position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1, use_cache=False)
     prompt_len, comp_len = prompt_ids.shape[1], completion_ids.shape[1]
     return store["hidden"][:, prompt_len - 1: prompt_len - 1 + comp_len]  # [B, T, H]
+
+
+def _packed_forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                    completion_mask: Tensor) -> Tensor | None:
+    """The shared-prompt forward's hidden states ``[B, T, H]``, or None where the plain forward is the one to
+    run (no shared prompt, an attention without 4D masks, or not cheaper)."""
+    inner = unwrap(model)
+    kind = packed_mask_kind(inner)
+    groups = prompt_groups(prompt_ids, prompt_mask)  # [B]
+    if kind is None or int(groups.max()) + 1 == len(groups):
+        return None
+    if not worth_packing(inner, groups, prompt_mask, completion_mask):
+        return None
+    dtype = inner.get_input_embeddings().weight.dtype if kind == "eager" else None
+    batch = pack(prompt_ids, prompt_mask, completion_ids, completion_mask, groups, pad_token_id=0,
+                 additive_dtype=dtype)
+    with _capture_final_hidden(model) as store:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              logits_to_keep=1, use_cache=False)
+    hidden = store["hidden"]  # [G, L, H]
+    flat = hidden.reshape(-1, hidden.shape[-1])[batch.index.reshape(-1)]  # [B*T, H]
+    return flat.view(*batch.index.shape, -1) * batch.valid[..., None].to(hidden.dtype)  # [B, T, H]
 
 
 def _chunk_slices(total: int, chunk_size: int) -> list[slice]:
@@ -385,7 +414,7 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
                         completion_mask: Tensor, *, temperature: float = 1.0, need_entropy: bool = False,
                         entropy_grad: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         record_support: SupportSpec | None = None, support: SupportSpec | None = None,
-                        old_support: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                        old_support: dict[str, Tensor] | None = None, shared_prompt: bool = False) -> dict[str, Tensor]:
     """Log-probs (and optionally entropy) of the completion tokens under ``model``.
 
     Returns ``{"logprobs": [B, T], "entropy": [B, T]}`` (entropy only when
@@ -404,12 +433,15 @@ def completion_logprobs(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tenso
       ``"support_logprobs"`` (grad), ``"old_support_logprobs"`` and
       ``"support_mask"``, all ``[B, T, S]`` with the sampled token in slot 0,
       and ``"support_indices"`` (the token id of each slot).
+
+    ``shared_prompt``: one forward per distinct prompt where cheaper (:func:`completion_hidden_states`);
+    values at masked completion positions then differ from the plain forward's (consumers mask them).
     """
     if record_support is not None and support is not None:
         raise ValueError("pass either record_support (behaviour pass) or support (update pass), not both")
     if support is not None and old_support is None:
         raise ValueError("support needs old_support: the dict recorded by a record_support pass")
-    hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    hidden = completion_hidden_states(model, prompt_ids, prompt_mask, completion_ids, completion_mask, shared_prompt)
     lm_head = unwrap(model).get_output_embeddings()
     with _gathered(lm_head.weight, getattr(lm_head, "bias", None)):
         out = _head_outputs(hidden, completion_ids, lm_head, temperature, need_entropy, chunk_size, record_support,

@@ -357,7 +357,8 @@ class Trainer:
                                    chunk_size=self.config.train.logprob_chunk_size,
                                    record_support=spec if record_support else None,
                                    support=spec if with_support else None,
-                                   old_support=micro.old_support if with_support else None)
+                                   old_support=micro.old_support if with_support else None,
+                                   shared_prompt=self.config.train.shared_prompt)
 
     def _steps_per_rollout(self) -> int:
         return self.config.train.num_iterations * self.config.train.mini_batches
@@ -378,9 +379,16 @@ class Trainer:
                 position += 1
                 if position <= skip:
                     continue
-                yield self.optimizer_step(rollout.select(order[k * size:(k + 1) * size]))
+                rows = self._micro_batch_order(rollout, order[k * size:(k + 1) * size])
+                yield self.optimizer_step(rollout.select(rows))
                 if self.step >= self.config.max_steps:
                     return
+
+    def _micro_batch_order(self, rollout: RolloutBatch, rows: Tensor) -> Tensor:
+        """A mini-batch's rows in rollout order under ``train.shared_prompt``: rollouts are prompt-major, so
+        micro-batches then hold whole prompt groups, cut as the behaviour pass cuts them (the step's gradient, a
+        sum over micro-batches, does not depend on the cut)."""
+        return rows.sort().values if self.config.train.shared_prompt else rows
 
     def optimizer_step(self, mini_batch: RolloutBatch) -> dict[str, float]:
         """Objective (and value loss) -> backward over micro-batches -> clip -> optimizer step."""

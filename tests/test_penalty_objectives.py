@@ -246,4 +246,6 @@ def test_trains_through_the_trainer(tmp_path, overrides, metric):
 
     history = train_tiny(tmp_path, *overrides)
     assert len(history) == 3 and all(math.isfinite(h["loss"]) for h in history)
-    assert history[0][metric] == 0.0 and max(h[metric] for h in history) > 0
+    # step 1: the policy is the behaviour policy; not exactly 0 since the update pass packs each shuffled
+    # mini-batch's prompt groups differently from the behaviour pass (train.shared_prompt): float sums, ~1e-16
+    assert abs(history[0][metric]) < 1e-12 and max(h[metric] for h in history) > 1e-6

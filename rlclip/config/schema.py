@@ -25,6 +25,8 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
     attn_implementation: str | None = None
     """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); None lets transformers choose."""
+    compile: str = "none"
+    """torch.compile the decoder layers in place (docs/compile.md): none, train (forwards without a KV cache: training and log-prob passes), decode (the HF decoding loop's cached forwards) or all."""
 
 
 @dataclass
@@ -205,6 +207,8 @@ class TrainingConfig:
     """Step each parameter inside the backward as soon as its gradient is complete, then free it: no full-model gradient is ever held (rlclip/optim_in_backward.py). Needs max_grad_norm 0, no grad_clip, one micro-batch per optimizer step, one process, no critic."""
     logprob_chunk_size: int = 1024
     """Positions per chunk when turning hidden states into log-probs."""
+    shared_prompt: bool = True
+    """Run each prompt once for the completions of it in a micro-batch: one packed row [prompt | completion 1 | ... | completion g] under a 4D attention mask, the same values and gradients as one copy per completion (rlclip/shared_prompt.py). Used where the estimated FLOPs are lower (long prompts, short completions) and the attention takes a 4D mask (sdpa, eager); the update pass orders each mini-batch's rows by prompt group so micro-batches hold whole groups."""
 
 
 @dataclass
