@@ -1,7 +1,7 @@
 """The models and optimizers a run trains with, built from its config (the trainer's set-up stage).
 
-- :func:`prepare_policy`: activation checkpointing and LoRA adapters on the loaded policy;
-- :func:`reference_model`: the frozen copy of the initial policy that KL terms compare against;
+- :func:`prepare_policy`: activation checkpointing, LoRA adapters and ``torch.compile`` on the loaded policy;
+- :func:`reference_model`: the frozen copy of the initial policy that KL terms compare against (compiled too);
 - :func:`critic_and_optimizer`: PPO mode's value model with its own optimizer;
 - :func:`build_optimizer`: the policy's optimizer.
 
@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from rlclip.compiling import compile_policy
 from rlclip.critic import load_critic
 from rlclip.modeling import GRADIENT_CHECKPOINTING_KWARGS, load_model
 
 
 def prepare_policy(model: torch.nn.Module, config: Any, sparse_embedding: bool = True) -> torch.nn.Module:
-    """Checkpointing per ``config.model.gradient_checkpointing``, then LoRA per ``config.lora`` (a PEFT model).
+    """Checkpointing per ``config.model.gradient_checkpointing``, then LoRA per ``config.lora`` (a PEFT model),
+    then the decoder layers compiled in place per ``config.model.compile`` (rlclip/compiling.py).
 
     ``sparse_embedding``: a tied input embedding sends its gradient sparsely
     (:func:`sparse_tied_embedding_gradient`); only for one process with plain parameters, since DDP then
@@ -31,7 +33,7 @@ def prepare_policy(model: torch.nn.Module, config: Any, sparse_embedding: bool =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS)
         model.config.use_cache = False
     if not config.lora.enabled:
-        return model
+        return compile_policy(model, config.model.compile)
     from peft import LoraConfig, get_peft_model
 
     lora = config.lora
@@ -47,7 +49,7 @@ def prepare_policy(model: torch.nn.Module, config: Any, sparse_embedding: bool =
         targets = "all-linear"
     adapters = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           layers_to_transform=layers, task_type="CAUSAL_LM")
-    return get_peft_model(model, adapters)
+    return compile_policy(get_peft_model(model, adapters), config.model.compile)
 
 
 def sparse_tied_embedding_gradient(model: torch.nn.Module) -> bool:
@@ -67,11 +69,14 @@ def sparse_tied_embedding_gradient(model: torch.nn.Module) -> bool:
 
 
 def reference_model(config: Any, base_path: str, layout: Any) -> torch.nn.Module:
-    """A frozen copy of the initial policy (loaded again from ``base_path``), placed by the layout."""
+    """A frozen copy of the initial policy (loaded again from ``base_path``), placed by the layout.
+
+    Its forwards are no-grad passes without a KV cache, so ``model.compile`` train or all compiles it (its
+    layers share the policy's compiled function; frozen parameters add one graph)."""
     cfg = config.model
     ref = load_model(base_path, cfg.dtype, cfg.gguf_file, cfg.trust_remote_code, cfg.attn_implementation)
     ref.requires_grad_(False).eval()
-    return layout.reference(ref)
+    return layout.reference(compile_policy(ref, cfg.compile))
 
 
 def critic_and_optimizer(config: Any, base_path: str,

@@ -34,7 +34,13 @@ class RunLog:
             self.accelerator.init_trackers(config.logging.run_name, config=flat_scalars(config))
 
     def write(self, metrics: dict[str, Any], step: int) -> None:
-        """Send to the trackers and append to metrics.jsonl (non-finite floats as null, so the line stays JSON)."""
+        """Send to the trackers and append to metrics.jsonl (non-finite floats as null, so the line stays JSON).
+
+        With ``model.compile`` on, a step during which torch compiled also gets ``time/compile_s``: the
+        seconds spent compiling since the previous line (part of that step's ``time/step_s``)."""
+        from rlclip.compiling import compile_metrics
+
+        metrics = {**metrics, **compile_metrics()}
         self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
         if self.accelerator.is_main_process:
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

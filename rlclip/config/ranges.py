@@ -93,6 +93,7 @@ UNBOUNDED: dict[str, str] = {  # numeric fields with no range, and why
 # rollout.backend and rollout.is_mode are checked with their settings in validation._check_backend.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.compile": ("none", "train", "decode", "all"),
     "rollout.prompt_overflow": ("truncate_left", "reject"),
     "rollout.vllm_server_api": ("auto", "trl", "openai"),
     "rollout.proximal": ("recompute", "bypass", "loglinear"),

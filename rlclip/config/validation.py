@@ -105,6 +105,9 @@ def _check_backend(rollout: RolloutConfig, model: ModelConfig) -> None:
     if rollout.backend != "hf" and model.gguf_file:
         raise ConfigError(f"rollout.backend={rollout.backend} cannot load model.gguf_file; use rollout.backend: hf "
                           "or convert the model to safetensors")
+    if rollout.backend != "hf" and model.compile == "decode":
+        raise ConfigError(f"model.compile=decode compiles the HF decoding loop, but rollout.backend={rollout.backend} "
+                          "generates with vLLM; use model.compile: train (or all, which then compiles training only)")
     check_backend_installed(rollout.backend)
 
 
