@@ -80,7 +80,7 @@ def build_generator(config: TrainConfig, accelerator: Accelerator) -> Generator:
     """
     backend = config.rollout.backend
     if backend == "hf":
-        return HFGenerator(accelerator, config.lora.merge_for_decoding)
+        return HFGenerator(accelerator, config.lora.merge_for_decoding, config.rollout.prepack_weights)
     check_backend_installed(backend)
     if config.model.gguf_file:
         raise ConfigError(f"rollout.backend={backend} cannot load model.gguf_file; use rollout.backend: hf or "
@@ -94,19 +94,24 @@ class HFGenerator:
 
     corrects = False
 
-    def __init__(self, accelerator: Accelerator, merge_lora: bool = True) -> None:
+    def __init__(self, accelerator: Accelerator, merge_lora: bool = True, prepack: bool = True) -> None:
         self.accelerator = accelerator
         self.merge_lora = merge_lora
         """``lora.merge_for_decoding``: a LoRA policy decodes with its adapters merged (rlclip/lora_decoding.py)."""
+        self.prepack = prepack
+        """``rollout.prepack_weights``: decode from oneDNN-packed weights on CPU (rlclip/packed_linear.py)."""
 
     def generate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
                  settings: SamplingSettings) -> RolloutBatch:
         from rlclip.lora_decoding import merged_for_decoding
+        from rlclip.packed_linear import packed_for_decoding
 
+        whole = holds_whole_weights(self.accelerator)
         with unwrap_model_for_generation(model, self.accelerator,
                                          gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS) as policy:
             policy.eval()
-            with merged_for_decoding(policy, self.merge_lora and holds_whole_weights(self.accelerator)):
+            with merged_for_decoding(policy, self.merge_lora and whole), \
+                    packed_for_decoding(policy, len(records) * settings.group_size, self.prepack and whole):
                 rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
         model.train()
         return rollout
