@@ -33,3 +33,8 @@ def test_step_floor_counts_by_hand():
     assert out["train_floor_s"] == pytest.approx(train / 1e9, rel=1e-12)
     assert out["generation_floor_s"] == pytest.approx(prefill / 1e9 + 2 * per_token, rel=1e-12)
     assert out["floor_s"] == pytest.approx(out["train_floor_s"] + out["generation_floor_s"], rel=1e-12)
+    # shared: the prompt's 3 tokens once (not once per completion) in training and in the prefill
+    shared_train = 6 * linear * (3 + 2 * 2) + 2 * 12 * 2 * 25 * 64 + 6 * 64 * 99 * 2 * 2
+    shared_prefill = 2 * linear * 3 + 2 * 64 * 99 * 2
+    assert out["shared_train_tflop"] == pytest.approx(shared_train / 1e12, rel=1e-12)
+    assert out["shared_floor_s"] == pytest.approx((shared_train + shared_prefill) / 1e9 + 2 * per_token, rel=1e-12)

@@ -20,6 +20,10 @@ Counted from the model's shapes (its ``nn.Linear`` layers, its config):
 
 The floor is training / peak + generation; optimizer, reward and Python overhead count as zero, so a step
 can never reach it. ``floor_ratio`` = measured step / floor.
+
+``shared_floor_s`` counts each prompt's linear-layer work once per group (training and prefill), the work
+that remains when the G completions of a prompt share its forward (rlclip's ``train.shared_prompt``, its
+decoding loop's one prefill per prompt); ``shared_floor_ratio`` = measured step / that floor.
 """
 
 from __future__ import annotations
@@ -57,7 +61,12 @@ def bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
 
 def step_floor(model, prompt_tokens: list[int], new_tokens: int, group_size: int, peak: float,
                bandwidth: float) -> dict[str, float]:
-    """The floor of one step: ``prompt_tokens`` per prompt, ``group_size`` completions of ``new_tokens`` each."""
+    """The floor of one step: ``prompt_tokens`` per prompt, ``group_size`` completions of ``new_tokens`` each.
+
+    Also ``shared_floor_s``: the same with each prompt's linear-layer work counted once per group instead of
+    once per completion, in training and in the prefill (rlclip's ``train.shared_prompt`` and its decoding loop
+    do that work once, so the issue's floor, which counts every copy, is not a lower bound for them; attention
+    is still counted per sequence)."""
     from torch import nn
 
     config = model.config
@@ -67,10 +76,15 @@ def step_floor(model, prompt_tokens: list[int], new_tokens: int, group_size: int
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     lengths = [p + new_tokens for p in prompt_tokens for _ in range(group_size)]
     batch = len(lengths)
-    train = (6 * linear * sum(lengths) + sum(12 * layers * s * s * hidden for s in lengths)
-             + 6 * hidden * vocab * batch * new_tokens)
-    prefill = 2 * linear * group_size * sum(prompt_tokens) + 2 * hidden * vocab * batch
-    per_token = max((2 * linear * batch + 2 * hidden * vocab * batch) / (peak * 1e9), all_bytes / (bandwidth * 1e9))
-    generation = prefill / (peak * 1e9) + new_tokens * per_token
+    attention_and_head = (sum(12 * layers * s * s * hidden for s in lengths)
+                          + 6 * hidden * vocab * batch * new_tokens)
+    train = 6 * linear * sum(lengths) + attention_and_head
+    shared_train = 6 * linear * (sum(prompt_tokens) + batch * new_tokens) + attention_and_head
+    head_rows = 2 * hidden * vocab * batch
+    per_token = max((2 * linear * batch + head_rows) / (peak * 1e9), all_bytes / (bandwidth * 1e9))
+    generation = (2 * linear * group_size * sum(prompt_tokens) + head_rows) / (peak * 1e9) + new_tokens * per_token
+    shared_generation = (2 * linear * sum(prompt_tokens) + head_rows) / (peak * 1e9) + new_tokens * per_token
     return {"train_tflop": train / 1e12, "train_floor_s": train / (peak * 1e9), "generation_floor_s": generation,
-            "floor_s": train / (peak * 1e9) + generation}
+            "floor_s": train / (peak * 1e9) + generation,
+            "shared_train_tflop": shared_train / 1e12,
+            "shared_floor_s": shared_train / (peak * 1e9) + shared_generation}

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--objectives", default=None,
+                        help="comma-separated subset (ratio_clip is always measured, as the baseline)")
     parser.add_argument("--output", default=str(ROOT / "eval/results/objectives.md"))
     args = parser.parse_args(argv)
     import torch
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = available_objectives()
+    names = available_objectives() if args.objectives is None else args.objectives.split(",")
     results: dict[str, list[dict]] = {n: [] for n in ["ratio_clip", *[n for n in names if n != "ratio_clip"]]}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(tmp, vocab_size=49152, hidden_size=576, num_layers=args.layers)

@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = summary.get("nogc_clip_rlclip_step_s") or summary.get("nogc_rlclip_step_s")
     if reference:  # full fine-tuning, checkpointing off, clipping on if that mode ran
         summary["floor_ratio"] = round(reference / floor["floor_s"], 3)
+        summary["shared_floor_ratio"] = round(reference / floor["shared_floor_s"], 3)
     summary.update(settings=settings, repeats=repeats, measured_steps=args.steps,
                    warmup_steps=args.warmup, wall_s=round(time.perf_counter() - start))
     print(table(runs))
