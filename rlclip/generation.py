@@ -80,7 +80,9 @@ def build_generator(config: TrainConfig, accelerator: Accelerator) -> Generator:
     """
     backend = config.rollout.backend
     if backend == "hf":
-        return HFGenerator(accelerator, config.lora.merge_for_decoding, config.rollout.prepack_weights)
+        # a compiled decoding step cannot take the packed weights' oneDNN tensors (inductor's lowering fails)
+        prepack = config.rollout.prepack_weights and config.model.compile not in ("decode", "all")
+        return HFGenerator(accelerator, config.lora.merge_for_decoding, prepack)
     check_backend_installed(backend)
     if config.model.gguf_file:
         raise ConfigError(f"rollout.backend={backend} cannot load model.gguf_file; use rollout.backend: hf or "
@@ -110,8 +112,9 @@ class HFGenerator:
         with unwrap_model_for_generation(model, self.accelerator,
                                          gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING_KWARGS) as policy:
             policy.eval()
-            with merged_for_decoding(policy, self.merge_lora and whole), \
-                    packed_for_decoding(policy, len(records) * settings.group_size, self.prepack and whole):
+            rows = len(records) * settings.group_size if self.prepack and whole else None
+            with merged_for_decoding(policy, self.merge_lora and whole, pack_rows=rows), \
+                    packed_for_decoding(policy, rows or 0, rows is not None):
                 rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
         model.train()
         return rollout

@@ -45,23 +45,38 @@ def mergeable_layers(model: nn.Module) -> list[Any]:
 
 
 @contextmanager
-def merged_for_decoding(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+def merged_for_decoding(model: nn.Module, enabled: bool = True, pack_rows: int | None = None) -> Iterator[int]:
     """Inside the block a PEFT model computes with W + s B A in place of each adapted W; yields the number of
-    layers merged (0: nothing to do, or ``enabled`` False)."""
+    layers merged (0: nothing to do, or ``enabled`` False).
+
+    ``pack_rows``: where a layer's weight can be packed for oneDNN (rlclip/packed_linear.py), W + s B A is packed
+    for decoding batches of that many rows and only the packed copy is kept, one layer at a time, instead of a
+    merged copy per layer."""
+    from rlclip.packed_linear import install_packed, packable_layers, remove_packed
+
     layers = mergeable_layers(model) if enabled and hasattr(model, "disable_adapter") else []
     if not layers:
         yield 0
         return
-    originals = []
+    packable = {id(m) for m in packable_layers(model)} if pack_rows else set()
+    originals, packed = [], []
     try:
         with torch.no_grad():
             for layer in layers:
                 weight = layer.base_layer.weight
                 delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-                originals.append((layer, weight))
-                layer.base_layer.weight = nn.Parameter((weight + delta).to(weight.dtype), requires_grad=False)
+                merged = (weight + delta).to(weight.dtype)
+                if id(layer.base_layer) in packable:
+                    install_packed(layer.base_layer, merged, pack_rows)
+                    packed.append(layer.base_layer)
+                else:
+                    originals.append((layer, weight))
+                    layer.base_layer.weight = nn.Parameter(merged, requires_grad=False)
+                del merged
         with model.disable_adapter():  # the adapters' path off: the merged weight carries them
             yield len(layers)
     finally:
         for layer, weight in originals:
             layer.base_layer.weight = weight
+        for base in packed:
+            remove_packed(base)

@@ -14,8 +14,10 @@ kernels inductor's CPU freezing pass uses) took 5.9 ms and 0.22 ms, and the
 The weights change after every optimizer step, so they are packed when a
 rollout starts (about 0.1 s for that model) and dropped when it ends; the
 parameters themselves are not touched. The cost is one more copy of the
-packed weights while decoding. The products are float32 either way, with
-another summation order: they agree with ``F.linear`` to about 1e-6
+weights while decoding. A LoRA layer merged for decoding
+(rlclip/lora_decoding.py) packs W + s B A one layer at a time and keeps only
+the packed copy (``install_packed``), so LoRA decoding holds no merged copy.
+The products are float32 either way, with another summation order: they agree with ``F.linear`` to about 1e-6
 relative, like any two BLAS libraries; the trainer recomputes every log-prob
 it trains on, and the sampler's own log-probs (``sampler_logprobs``) are
 those of what was sampled.
@@ -35,16 +37,27 @@ from torch import Tensor, nn
 
 
 def packable_layers(model: nn.Module) -> list[nn.Linear]:
-    """The plain float32 CPU ``nn.Linear`` layers of ``model`` (each module once)."""
+    """The plain float32 CPU ``nn.Linear`` layers of ``model`` with whole weights (each module once)."""
     if not torch.backends.mkldnn.is_available():
         return []
     return [m for m in model.modules()
-            if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-            and "forward" not in m.__dict__]
+            if type(m) is nn.Linear and type(m.weight.data) is torch.Tensor  # not a DTensor shard (FSDP2)
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" and "forward" not in m.__dict__]
 
 
 def _packed_forward(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def install_packed(layer: nn.Linear, weight: Tensor, rows: int) -> None:
+    """``layer`` computes from ``weight`` (no grad), packed, until :func:`remove_packed`."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 1))
+    bias = None if layer.bias is None else layer.bias.detach()
+    layer.forward = lambda x, w=packed, b=bias: _packed_forward(w, b, x)
+
+
+def remove_packed(layer: nn.Module) -> None:
+    layer.__dict__.pop("forward", None)
 
 
 @contextmanager
@@ -55,10 +68,8 @@ def packed_for_decoding(model: nn.Module, rows: int, enabled: bool = True) -> It
     try:
         with torch.no_grad():
             for layer in layers:
-                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), max(rows, 1))
-                bias = None if layer.bias is None else layer.bias.detach()
-                layer.forward = lambda x, w=packed, b=bias: _packed_forward(w, b, x)
+                install_packed(layer, layer.weight, rows)
         yield len(layers)
     finally:
         for layer in layers:
-            layer.__dict__.pop("forward", None)
+            remove_packed(layer)

@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import tiny_config, train_tiny
+from conftest import tiny_config, train_tiny
 
 pytestmark = pytest.mark.xdist_group("compile")
 

@@ -182,6 +182,7 @@ def make(backend, accelerator, **rollout):
 
 def test_hf_backend_is_sample_completions_on_the_unwrapped_model(tiny, accelerator):
     from rlclip.generation import build_generator
+    from rlclip.packed_linear import packed_for_decoding
     from rlclip.rollout import sample_completions
 
     _, model, tokenizer = tiny
@@ -192,7 +193,10 @@ def test_hf_backend_is_sample_completions_on_the_unwrapped_model(tiny, accelerat
     assert model.training  # back in train mode, as Trainer.generate left it
     torch.manual_seed(0)
     model.eval()
-    theirs = sample_completions(model, tokenizer, RECORDS, SETTINGS, accelerator.device)
+    # rollout.prepack_weights (default on): the backend decodes from oneDNN-packed weights (tests/test_packed_linear.py)
+    with packed_for_decoding(model, len(RECORDS) * SETTINGS.group_size) as packed:
+        theirs = sample_completions(model, tokenizer, RECORDS, SETTINGS, accelerator.device)
+    assert packed > 0
     for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(ours, f), getattr(theirs, f)), f
     assert ours.completions == theirs.completions

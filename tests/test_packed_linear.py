@@ -80,3 +80,31 @@ def test_trainer_rollouts_with_and_without_packing_agree(tmp_path):
     assert torch.equal(rollouts["true"].completion_ids, rollouts["false"].completion_ids)
     torch.testing.assert_close(rollouts["true"].sampler_logprobs, rollouts["false"].sampler_logprobs,
                                rtol=0, atol=1e-5)
+
+
+def test_lora_layers_pack_the_merged_weight_without_keeping_a_merged_copy():
+    """merged_for_decoding(pack_rows=...): each adapted layer decodes from packed W + s B A, its base weight
+    parameter never replaced; the logits equal the adapters' to float32 rounding; all restored after."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlclip.lora_decoding import merged_for_decoding
+
+    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False)).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    weights = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in weights.items()}
+    with torch.no_grad():
+        adapters = model(input_ids=ids).logits
+        with merged_for_decoding(model, pack_rows=2) as merged:
+            assert merged > 0
+            bases = [m for m in model.modules() if "forward" in m.__dict__]
+            assert len(bases) == merged  # every adapted layer's base computes from its packed merge
+            assert all(p is weights[n] for n, p in model.named_parameters())  # no merged copy swapped in
+            packed = model(input_ids=ids).logits
+    torch.testing.assert_close(packed, adapters, rtol=1e-4, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(values[n], p) for n, p in model.named_parameters())
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    assert (base - adapters).abs().max() > 1e-3  # the adapters matter, so the comparison above is not vacuous

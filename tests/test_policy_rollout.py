@@ -1,4 +1,4 @@
-"""policy.py against a plain full-logits computation; rollout masks and truncation."""
+"""rlclip/policy/ against a plain full-logits computation; rollout masks and truncation."""
 
 from __future__ import annotations
 

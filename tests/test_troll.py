@@ -19,15 +19,8 @@ from torch import nn
 from rlclip.errors import ConfigError
 from rlclip.objectives import PolicyBatch, build_objective
 from rlclip.objectives.troll import categorical_kl, interpolate, trust_region_projection, with_tail
-from rlclip.policy import (
-    SupportSpec,
-    _chunked_record,
-    _chunked_support,
-    _old_on_support,
-    _top_set,
-    _union_support,
-    completion_logprobs,
-)
+from rlclip.policy import SupportSpec, completion_logprobs
+from rlclip.policy.support import _chunked_record, _chunked_support, _old_on_support, _top_set, _union_support
 
 D = torch.float64
 INF = float("inf")

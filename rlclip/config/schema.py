@@ -86,7 +86,7 @@ class RolloutConfig:
     backend: str = "hf"
     """Who samples: hf (transformers generate on the training model), vllm_colocate (a vLLM engine inside each training process, on its GPU or CPU) or vllm_server (a vLLM server in another process: trl vllm-serve, vLLM's OpenAI server, or launched by rlclip); vLLM gets the new weights before each rollout that follows a policy update, and its mismatch is corrected by is_mode (docs/vllm.md)."""
     prepack_weights: bool = True
-    """backend hf on CPU: decode with each float32 linear weight reordered once per rollout into oneDNN's blocked layout (about 2x faster matmuls at decoding's few rows; one more copy of the weights while decoding; values within ~1e-6 relative of torch's linear, rlclip/packed_linear.py)."""
+    """backend hf on CPU: decode with each float32 linear weight reordered once per rollout into oneDNN's blocked layout (about 2x faster matmuls at decoding's few rows; one more copy of the weights while decoding; values within ~1e-6 relative of torch's linear, rlclip/packed_linear.py). Off where model.compile compiles decoding (decode, all)."""
     vllm_gpu_memory_utilization: float = 0.3
     """vllm_colocate: fraction of the GPU's memory the vLLM engine may take for weights, activations and KV cache (TRL's default)."""
     vllm_tensor_parallel_size: int = 1

@@ -1,6 +1,6 @@
 """TROLL (Becker, Freymuth et al., arXiv 2510.03817): a per-token KL trust-region projection.
 
-Per completion token, over the categories of a sparse support (``policy.py``:
+Per completion token, over the categories of a sparse support (``rlclip/policy/support.py``:
 the sampled token, the old policy's and the current policy's top sets) plus
 one *tail* bucket holding the rest of the mass, with q = pi_theta (grad) and
 p = pi_old, the projection is
