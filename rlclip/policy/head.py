@@ -40,6 +40,18 @@ def _logsumexp_(z: Tensor) -> Tensor:
     return z.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
 
 
+def _lse_and_entropy(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``logsumexp(z)`` and the entropy ``H = lse - sum(softmax(z) z)`` ``[n]`` each, with one ``[n, V]`` buffer
+    beside ``z`` (``e = exp(z - max)``; ``sum(e z)`` as a batched dot product, not a product buffer then a sum).
+    torch.logsumexp then a softmax held three."""
+    peak = z.amax(-1, keepdim=True)  # [n, 1]
+    e = torch.sub(z, peak).exp_()  # [n, V]
+    total = e.sum(-1)  # [n]
+    dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # [n]: sum_v e_v z_v
+    lse = total.log().add_(peak.squeeze(-1))
+    return lse, lse - dot / total
+
+
 class _TokenLogProb(torch.autograd.Function):
     """``log softmax(h W^T + b) / T`` at the sampled tokens, one chunk of positions at a time.
 
@@ -65,9 +77,7 @@ class _TokenLogProb(torch.autograd.Function):
             z = _scaled_logits(hidden[sl], weight, bias, temperature)  # [n, V]
             picked = z.gather(-1, tokens[sl, None]).squeeze(-1)  # [n]
             if need_entropy:
-                lse[sl] = torch.logsumexp(z, dim=-1)
-                probs = (z - lse[sl, None]).exp_()  # [n, V]
-                entropy[sl] = lse[sl] - probs.mul_(z).sum(-1)
+                lse[sl], entropy[sl] = _lse_and_entropy(z)
             else:
                 lse[sl] = _logsumexp_(z)  # z is not needed after this
             logprobs[sl] = picked - lse[sl]

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from rlclip.policy.head import _chunk_slices, _gathered, _logsumexp_, _scaled_logits, head_backward
+from rlclip.policy.head import (
+    _chunk_slices,
+    _gathered,
+    _logsumexp_,
+    _lse_and_entropy,
+    _scaled_logits,
+    head_backward,
+)
 from rlclip.types import SupportSpec
 
 _TINY_MASS = 1e-30  # floor of the old rest mass before its log (an exactly covered vocabulary)
@@ -203,9 +210,8 @@ def _support_chunk(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: 
     candidate_z = z.gather(1, candidates)  # [n, C], taken before the lse below overwrites z
     ent = None
     if need_entropy:
-        lse_out.copy_(torch.logsumexp(z, dim=-1))
-        probs = (z - lse_out[:, None]).exp_()  # [n, V]
-        ent = lse_out - probs.mul_(z).sum(-1)
+        lse, ent = _lse_and_entropy(z)
+        lse_out.copy_(lse)
     else:
         lse_out.copy_(_logsumexp_(z))
     new_mask = _top_mask(values - lse_out[:, None], spec)  # [n, k]
