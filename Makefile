@@ -46,10 +46,12 @@ demo: install
 
 # rlclip vs TRL on equal work, then every objective vs ratio_clip; rewrites eval/results/perf.md.
 # Nothing else may run meanwhile: on 2 shared cores one overlapping job doubles a step.
+BENCH_REPEATS ?= 3
+
 bench: install
-	$(PY) eval/bench/step_vs_trl.py --output eval/results/step_vs_trl.md
+	$(PY) eval/bench/step_vs_trl.py --repeats $(BENCH_REPEATS) --output eval/results/step_vs_trl.md
 	$(PY) eval/bench/objectives.py
-	$(PY) eval/bench/profile_step.py --gradient-checkpointing
+	$(PY) eval/bench/profile_step.py --clip
 	$(PY) eval/bench/perf_report.py
 
 smoke: install

@@ -22,6 +22,7 @@ TARGETS = {f"{gc}{key}": target for gc in ("", "nogc_") for key, target in (
     ("time_ratio", 0.7), ("rss_ratio", 0.75), ("clip_time_ratio", 0.7), ("clip_rss_ratio", 0.75),
     ("lora_time_ratio", 0.7), ("lora_rss_ratio", 0.6))}
 TARGETS["floor_ratio"] = 1.5
+OBJECTIVE_TARGET = 1.10
 """Issues 11 and 29: the full fine-tuning targets apply to both full modes, and all of them to both gradient
 checkpointing settings (``nogc_``: off); ``floor_ratio`` is rlclip's step over the machine's floor."""
 
@@ -47,14 +48,32 @@ def verdict(text: str) -> str:
         if key in result:
             value = result[key]
             lines.append(f"| {key} | {value:.3f} | <= {target} | {'yes' if value <= target else f'no, by {value - target:.3f}'} |")
+    if "shared_floor_ratio" in result:
+        lines.append(f"| shared_floor_ratio | {result['shared_floor_ratio']:.3f} | (reported) | |")
+    lines.extend(objective_rows())
     lines.append("")
     lines.append("`time_ratio`, `rss_ratio`: mode `full` (no gradient clipping on either side; rlclip steps each "
                  "parameter in the backward). `clip_*`: mode `full_clip` (clipping at 1.0 on both sides; rlclip's "
                  "ordinary step). `lora_*`: LoRA, clipping at 1.0. `nogc_*`: the same with gradient checkpointing "
                  "off on both sides (rlclip's default). `floor_ratio`: rlclip's full fine-tuning step, checkpointing "
-                 "off, over the floor of eval/bench/floor.py. `mu2kl_*` (mu = 2 with a KL reference) is reported "
-                 "without a target.")
+                 "off, over the floor of eval/bench/floor.py; `shared_floor_ratio`: the same step over the floor that "
+                 "counts each prompt once per group (floor.py's `shared_floor_s`). `mu2kl_*` (mu = 2 with a KL "
+                 "reference) is reported without a target. troll and archer: their step over ratio_clip's in "
+                 "objectives.md.")
     return "\n".join(lines)
+
+
+def objective_rows(limit: float = OBJECTIVE_TARGET) -> list[str]:
+    """The troll and archer rows of objectives.md (step time over ratio_clip's) against the 1.10 target."""
+    path = RESULTS / "objectives.md"
+    rows = []
+    for name in ("troll", "archer"):
+        match = re.search(rf"^\| {name} \|[^|]*\|[^|]*\| ([0-9.]+) \|", path.read_text() if path.is_file() else "", re.M)
+        if match:
+            value = float(match.group(1))
+            rows.append(f"| {name} step / ratio_clip's | {value:.3f} | <= {limit} | "
+                        f"{'yes' if value <= limit else f'no, by {value - limit:.3f}'} |")
+    return rows
 
 
 def section(name: str) -> str:
@@ -72,7 +91,7 @@ def main() -> int:
         f"Machine: {machine()}",
         "Commands (`make bench` runs the first three, then this file is rebuilt by `eval/bench/perf_report.py`):\n\n"
         "```\npython eval/bench/step_vs_trl.py --output eval/results/step_vs_trl.md\n"
-        "python eval/bench/objectives.py\npython eval/bench/profile_step.py --gradient-checkpointing\n```",
+        "python eval/bench/objectives.py\npython eval/bench/profile_step.py --clip\n```",
         "## Targets\n\n" + verdict(step),
         "## rlclip vs TRL GRPOTrainer\n\n" + section("step_vs_trl.md"),
         "## Objectives vs ratio_clip\n\n" + section("objectives.md"),
