@@ -33,6 +33,11 @@ pytestmark = [
 
 TOLERANCE = 1e-5
 """|log mu - log pi| on the same tokens with the same weights (measured: at most 4.8e-7)."""
+LORA_TOLERANCE = 1e-4
+"""The same with a LoRA policy: the engine runs the merged W + s B A, the PEFT model W x + s B (A x), whose float32
+rounding grows with the adapter (lr 0.2 here). Measured 3.8e-6 and 1.9e-5 after training with
+train.shared_prompt off and on (the same math, rounded differently, so different adapters); the control below,
+the base model without the adapter, is off by more than 1e-3."""
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
          "train.mini_batches=1", "train.num_iterations=1", "train.learning_rate=0.05", "save_steps=0"]
 
@@ -127,7 +132,7 @@ def test_colocate_lora_reaches_the_engine_merged(tmp_path, model_path, colocate)
                           "train.learning_rate=0.2")
     trainer.train()
     gap, batch = engine_gap(colocate, trainer)  # the PEFT model's own forward: adapters applied unmerged
-    assert gap <= TOLERANCE
+    assert gap <= LORA_TOLERANCE
     base = trainer.accelerator.unwrap_model(trainer.model)
     with base.disable_adapter():
         moved = (batch.sampler_logprobs - token_logprobs(base, batch)).abs()[batch.completion_mask.bool()].max()
