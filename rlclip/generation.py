@@ -114,7 +114,7 @@ class HFGenerator:
             policy.eval()
             rows = len(records) * settings.group_size if self.prepack and whole else None
             with merged_for_decoding(policy, self.merge_lora and whole, pack_rows=rows), \
-                    packed_for_decoding(policy, rows or 0, rows is not None):
+                    packed_for_decoding(policy, rows):
                 rollout = sample_completions(policy, tokenizer, records, settings, self.accelerator.device)
         model.train()
         return rollout

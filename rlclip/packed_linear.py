@@ -61,14 +61,14 @@ def remove_packed(layer: nn.Module) -> None:
 
 
 @contextmanager
-def packed_for_decoding(model: nn.Module, rows: int, enabled: bool = True) -> Iterator[int]:
+def packed_for_decoding(model: nn.Module, rows: int | None) -> Iterator[int]:
     """Inside the block (no grad) each packable linear layer of ``model`` computes from a oneDNN-packed copy of
-    its weight; ``rows`` is the decoding batch the packing is tuned for. Yields the number of layers packed."""
-    layers = packable_layers(model) if enabled else []
+    its weight; ``rows`` is the decoding batch the packing is tuned for (None: nothing is packed). Yields the
+    number of layers packed."""
+    layers = packable_layers(model) if rows is not None else []
     try:
-        with torch.no_grad():
-            for layer in layers:
-                install_packed(layer, layer.weight, rows)
+        for layer in layers:
+            install_packed(layer, layer.weight, rows)
         yield len(layers)
     finally:
         for layer in layers:

@@ -70,12 +70,6 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     return rank[inverse]
 
 
-def group_order(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-    """``[B]`` permutation that puts rows sharing a prompt next to each other (stable, groups in order of
-    first appearance), so that micro-batches cut from it hold whole groups."""
-    return torch.sort(prompt_groups(prompt_ids, prompt_mask), stable=True).indices
-
-
 def _packed_lengths(completion_mask: Tensor) -> Tensor:
     """``[B]`` packed length of each completion: up to and including its last real token."""
     t = torch.arange(1, completion_mask.shape[1] + 1, device=completion_mask.device)
@@ -110,50 +104,50 @@ def worth_packing(model: nn.Module, groups: Tensor, prompt_mask: Tensor, complet
 
 
 def pack(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-         groups: Tensor, pad_token_id: int, additive_dtype: torch.dtype | None = None) -> PackedBatch:
-    """The packed layout of a micro-batch whose rows are grouped by ``groups [B]`` (see the module text).
+         positions: Tensor, groups: Tensor, pad_token_id: int,
+         additive_dtype: torch.dtype | None = None) -> PackedBatch:
+    """The packed layout of a micro-batch whose rows are grouped by ``groups [B]`` (see the module text);
+    ``positions [B, P+T]`` are the plain forward's position ids, which every token keeps.
 
     ``additive_dtype``: build the eager attention's additive float mask in that dtype instead of sdpa's boolean.
     """
     device, count = prompt_ids.device, int(groups.max()) + 1
     rows, width = completion_ids.shape
-    full_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # [B, P+T]
-    full_pos = (full_mask.cumsum(-1) - 1).clamp_min(0)  # [B, P+T], as policy.position_ids_from_mask
+    t = torch.arange(width, device=device)  # [T]
     lengths = _packed_lengths(completion_mask)  # [B]
-    tokens, positions, segments, key_ok = [], [], [], []
+    tokens, packed_pos, segments, key_ok = [], [], [], []
     index = torch.zeros(rows, width, dtype=torch.long, device=device)  # [B, T]
     for g in range(count):
         members = (groups == g).nonzero().squeeze(1)  # [g_n]
         lead = members[0]
         real = prompt_mask[lead].bool()  # [P]: the prompt's real tokens, shared by the group
-        seq_ids, seq_pos = [prompt_ids[lead][real]], [full_pos[lead, :prompt_ids.shape[1]][real]]
+        seq_ids, seq_pos = [prompt_ids[lead][real]], [positions[lead, :prompt_ids.shape[1]][real]]
         seq_seg, seq_ok = [torch.zeros_like(seq_pos[0])], [torch.ones_like(real[real])]
         offset, last_prompt = int(real.sum()), int(real.sum()) - 1
         for j, row in enumerate(members.tolist()):
             n = int(lengths[row])
             seq_ids.append(completion_ids[row, :n])
-            seq_pos.append(full_pos[row, prompt_ids.shape[1]:prompt_ids.shape[1] + n])
+            seq_pos.append(positions[row, prompt_ids.shape[1]:prompt_ids.shape[1] + n])
             seq_seg.append(torch.full((n,), j + 1, dtype=torch.long, device=device))
             seq_ok.append(completion_mask[row, :n].bool())
-            t = torch.arange(width, device=device)
             # token 0 is predicted by the prompt's last token, token t >= 1 by the completion's token t - 1
             upper = offset + n - 1 if n else last_prompt  # past the packed length: any real index (masked)
             index[row] = torch.where(t == 0, last_prompt, offset + t - 1).clamp_max(upper)
             offset += n
         tokens.append(torch.cat(seq_ids))
-        positions.append(torch.cat(seq_pos))
+        packed_pos.append(torch.cat(seq_pos))
         segments.append(torch.cat(seq_seg))
         key_ok.append(torch.cat(seq_ok))
-    longest = max(len(t) for t in tokens)
+    longest = max(len(seq) for seq in tokens)
     ids = torch.full((count, longest), pad_token_id, dtype=prompt_ids.dtype, device=device)  # [G, L]
     pos = torch.zeros(count, longest, dtype=torch.long, device=device)  # [G, L]
     seg = torch.full((count, longest), -1, dtype=torch.long, device=device)  # [G, L]: -1 = row padding
     ok = torch.zeros(count, longest, dtype=torch.bool, device=device)  # [G, L]: key is a real token
     for g in range(count):
         n = len(tokens[g])
-        ids[g, :n], pos[g, :n], seg[g, :n], ok[g, :n] = tokens[g], positions[g], segments[g], key_ok[g]
+        ids[g, :n], pos[g, :n], seg[g, :n], ok[g, :n] = tokens[g], packed_pos[g], segments[g], key_ok[g]
     index += (groups * longest)[:, None]  # [B, T] into the flattened [G * L]
-    valid = torch.arange(width, device=device)[None] < lengths[:, None]  # [B, T]
+    valid = t[None] < lengths[:, None]  # [B, T]
     return PackedBatch(ids, pos, _attention_mask(seg, ok, additive_dtype), index, valid)
 
 

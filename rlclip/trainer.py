@@ -379,12 +379,12 @@ class Trainer:
                 position += 1
                 if position <= skip:
                     continue
-                rows = self._micro_batch_order(rollout, order[k * size:(k + 1) * size])
+                rows = self._micro_batch_order(order[k * size:(k + 1) * size])
                 yield self.optimizer_step(rollout.select(rows))
                 if self.step >= self.config.max_steps:
                     return
 
-    def _micro_batch_order(self, rollout: RolloutBatch, rows: Tensor) -> Tensor:
+    def _micro_batch_order(self, rows: Tensor) -> Tensor:
         """A mini-batch's rows in rollout order under ``train.shared_prompt``: rollouts are prompt-major, so
         micro-batches then hold whole prompt groups, cut as the behaviour pass cuts them (the step's gradient, a
         sum over micro-batches, does not depend on the cut)."""

@@ -101,15 +101,23 @@ def test_greedy_decoding_same_tokens():
 
 
 def test_mode_selects_calls():
-    """``train`` leaves cached (decoding) calls eager and ``decode`` leaves uncached calls eager."""
+    """``decode`` leaves uncached calls eager and compiles cached ones; ``train`` the other way round (dynamo's
+    caches emptied first, so that a call that should compile must make a new graph)."""
     from rlclip.compiling import compile_policy
 
-    model, _ = _pair()
-    compile_policy(model, "decode")
-    before = _unique_graphs()
-    with torch.no_grad():
-        model(input_ids=torch.randint(2, 97, (1, 5)), use_cache=False)
-    assert _unique_graphs() == before
+    ids = torch.randint(2, 97, (1, 5))
+    for mode, compiled_call in (("decode", True), ("train", False)):
+        torch._dynamo.reset()
+        model, _ = _pair()
+        compile_policy(model, mode)
+        with torch.no_grad():
+            before = _unique_graphs()
+            model(input_ids=ids, use_cache=False)
+            uncached = _unique_graphs() - before
+            before = _unique_graphs()
+            model(input_ids=ids, use_cache=True)
+            cached = _unique_graphs() - before
+        assert (cached > 0, uncached > 0) == (compiled_call, not compiled_call), mode
 
 
 def test_trainer_with_lora_checkpointing_and_compile(tmp_path):

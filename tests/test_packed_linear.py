@@ -61,7 +61,7 @@ def test_restored_after_an_exception_and_weights_untouched():
 def test_float64_and_disabled_pack_nothing():
     assert packable_layers(_model(torch.float64)) == []
     model = _model()
-    with packed_for_decoding(model, rows=2, enabled=False) as count:
+    with packed_for_decoding(model, rows=None) as count:
         assert count == 0 and not any("forward" in m.__dict__ for m in model.modules())
 
 
@@ -74,6 +74,7 @@ def test_trainer_rollouts_with_and_without_packing_agree(tmp_path):
     rollouts = {}
     for flag in ("true", "false"):
         trainer = Trainer(tiny_config(tmp_path / flag, "max_steps=1", f"rollout.prepack_weights={flag}"))
+        assert trainer.generator.prepack == (flag == "true") and packable_layers(trainer.model)
         torch.manual_seed(5)
         rollouts[flag] = trainer.generator.generate(trainer.model, trainer.tokenizer, trainer.records[:2],
                                                     trainer.sampling_settings())

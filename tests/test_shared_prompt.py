@@ -4,19 +4,32 @@ gradient checkpointing and LoRA; the layout by hand; the cost rule."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from rlclip.modeling import resolve_tiny
-from rlclip.policy import completion_hidden_states, completion_logprobs
-from rlclip.shared_prompt import group_order, pack, prompt_groups, worth_packing
+from rlclip.policy import completion_hidden_states, completion_logprobs, position_ids_from_mask
+from rlclip.shared_prompt import pack, prompt_groups, worth_packing
 
 
 def _model(attn: str = "sdpa", dtype=torch.float64):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(resolve_tiny("tiny"), attn_implementation=attn,
                                                 dtype=dtype)
+
+
+@contextmanager
+def _rows_seen(decoder):
+    """The batch size of every forward of ``decoder`` inside the block (3 when the test batch is packed)."""
+    rows = []
+    handle = decoder.register_forward_hook(lambda m, a, k, o: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +61,6 @@ def test_groups_follow_first_appearance_and_padding_counts():
     assert prompt_groups(ids, mask).tolist() == [0, 1, 0, 2, 1]
     # a padded 0 is not the token 0: [0 (pad), 6] differs from [0, 6] with the 0 real
     assert prompt_groups(torch.tensor([[0, 6], [0, 6]]), torch.tensor([[0, 1], [1, 1]])).tolist() == [0, 1]
-    assert group_order(ids, mask).tolist() == [0, 2, 1, 4, 3]
 
 
 def test_layout_by_hand():
@@ -58,7 +70,8 @@ def test_layout_by_hand():
     pm = torch.tensor([[0, 1, 1], [0, 1, 1]])
     cid = torch.tensor([[1, 2], [3, 9]])
     cm = torch.tensor([[1, 1], [1, 0]])
-    b = pack(pid, pm, cid, cm, torch.tensor([0, 0]), pad_token_id=0)
+    pos = position_ids_from_mask(torch.cat([pm, cm], 1))
+    b = pack(pid, pm, cid, cm, pos, torch.tensor([0, 0]), pad_token_id=0)
     assert b.input_ids.tolist() == [[7, 8, 1, 2, 3]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 2]]
     allowed = [[1, 0, 0, 0, 0],
@@ -69,7 +82,7 @@ def test_layout_by_hand():
     assert b.attention_mask[0, 0].long().tolist() == allowed
     assert b.index.tolist() == [[1, 2], [1, 4]]  # token 0 of each from the prompt's last token (position 1)
     assert b.valid.tolist() == [[True, True], [True, False]]
-    additive = pack(pid, pm, cid, cm, torch.tensor([0, 0]), 0, additive_dtype=torch.float32).attention_mask
+    additive = pack(pid, pm, cid, cm, pos, torch.tensor([0, 0]), 0, additive_dtype=torch.float32).attention_mask
     assert torch.equal(additive == 0, b.attention_mask)
     assert additive.min() == torch.finfo(torch.float32).min
 
@@ -90,7 +103,9 @@ def test_hidden_states_and_gradients_equal_the_plain_forward_float64(attn):
     out = {}
     for shared in (False, True):
         model.zero_grad()
-        hidden = completion_hidden_states(model, pid, pm, cid, cm, shared_prompt=shared)  # [B, T, H]
+        with _rows_seen(model.model) as rows:
+            hidden = completion_hidden_states(model, pid, pm, cid, cm, shared_prompt=shared)  # [B, T, H]
+        assert rows == [3 if shared else 6]  # packed: one row per prompt
         real = cm.bool()
         (hidden * probe)[real].sum().backward()
         out[shared] = hidden[real].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -145,7 +160,9 @@ def test_gradient_checkpointing_and_lora_keep_the_gradients_float64():
     grads = {}
     for shared in (False, True):
         model.zero_grad()
-        hidden = completion_hidden_states(model, pid, pm, cid, cm, shared_prompt=shared)  # [B, T, H]
+        with _rows_seen(model.get_base_model().model) as rows:
+            hidden = completion_hidden_states(model, pid, pm, cid, cm, shared_prompt=shared)  # [B, T, H]
+        assert rows == [3 if shared else 6]  # packed through PEFT and checkpointing too
         hidden[cm.bool()].sum().backward()
         grads[shared] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     for a, b in zip(grads[True], grads[False]):

@@ -87,7 +87,8 @@ def _packed_forward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, c
     if not worth_packing(inner, groups, prompt_mask, completion_mask):
         return None
     dtype = inner.get_input_embeddings().weight.dtype if kind == "eager" else None
-    batch = pack(prompt_ids, prompt_mask, completion_ids, completion_mask, groups, pad_token_id=0,
+    positions = position_ids_from_mask(torch.cat([prompt_mask, completion_mask], dim=1))  # [B, P+T]
+    batch = pack(prompt_ids, prompt_mask, completion_ids, completion_mask, positions, groups, pad_token_id=0,
                  additive_dtype=dtype)
     with _capture_final_hidden(model) as store:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
